@@ -1,0 +1,1 @@
+"""marginsearch.losses: the unified margin-softmax head, its named points and auxiliary losses."""
