@@ -1,1 +1,16 @@
-"""marginsearch.losses: the unified margin-softmax head, its named points and auxiliary losses."""
+"""marginsearch.losses: the unified margin-softmax head, its named points and auxiliary losses.
+
+torch and numpy only. Start with `named("arcface")` or a `MarginSpec`, then `MarginSoftmax`.
+"""
+from .head import MarginSoftmax, target_logit_curve
+from .named import NAMED, NamedLoss, identify, named
+from .spec import (GUARDS, NEGATIVE_RULES, AdaFaceMargin, AngularMargin, ElasticMargin, KappaMargin,
+                   MagFaceMargin, MarginSpec, NegativeTransform, PiecewiseLinear, ProbabilityModulation,
+                   RandomModulation, SpecError, SphereFacePsi)
+
+__all__ = [
+    "MarginSoftmax", "target_logit_curve", "NAMED", "NamedLoss", "identify", "named", "GUARDS",
+    "NEGATIVE_RULES", "AdaFaceMargin", "AngularMargin", "ElasticMargin", "KappaMargin", "MagFaceMargin",
+    "MarginSpec", "NegativeTransform", "PiecewiseLinear", "ProbabilityModulation", "RandomModulation",
+    "SpecError", "SphereFacePsi",
+]

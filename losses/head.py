@@ -1,0 +1,219 @@
+"""`MarginSoftmax`: the unified margin-softmax head (Loss Function Search, arXiv 2007.06542).
+
+The head owns the class centres and any running statistics; the arithmetic lives in the pure
+functions of `losses.transforms`. One call of `forward` (or `logits`) in training mode is one
+step: stateful points (SphereFace's λ, CurricularFace's t, KappaFace's class statistics,
+AdaFace's norm statistics) update their buffers then, before use, as their papers do.
+
+Randomness (ElasticFace, Random-Softmax) draws from torch's default generator in a fixed order:
+per-sample margins `torch.randn(B)` first, then the modulating factor `torch.randn(())`, both in
+float32 on the embeddings' device. In eval mode draws are replaced by their means.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import transforms as T
+from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
+                   ProbabilityModulation, RandomModulation, SphereFacePsi)
+
+__all__ = ["MarginSoftmax", "target_logit_curve"]
+
+
+class MarginSoftmax(nn.Module):
+    """Cross-entropy on margin-transformed cosine logits for any `MarginSpec` (arXiv 2007.06542).
+
+    `weight` [num_classes, embedding_size] holds the class centres. Cosines and the
+    cross-entropy are computed in float32 (float64 if the inputs are float64), autocast or not.
+    """
+
+    def __init__(self, spec: MarginSpec, embedding_size: int, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(spec, MarginSpec):
+            raise TypeError(f"spec must be a MarginSpec, got {type(spec).__name__}")
+        if embedding_size < 1 or num_classes < 2:
+            raise ValueError(f"need embedding_size ≥ 1 and num_classes ≥ 2, got {embedding_size}, {num_classes}")
+        self.spec = spec
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, 0.01))
+        if spec.learnable_scale:
+            self.scale = nn.Parameter(torch.tensor(float(spec.s)))
+        else:
+            self.register_buffer("scale", torch.tensor(float(spec.s)), persistent=False)
+        target, neg = spec.target, spec.negative
+        if isinstance(target, SphereFacePsi):
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if isinstance(target, PiecewiseLinear):
+            self.register_buffer("slopes", torch.tensor(target.slopes), persistent=False)
+            self.register_buffer("intercepts", torch.tensor(target.intercepts), persistent=False)
+        if isinstance(spec.modulation, ProbabilityModulation):
+            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a), persistent=False)
+        if neg is not None and neg.rule == "curricular":
+            self.register_buffer("curricular_t", torch.tensor(float(neg.t)))
+        if spec.class_margin is not None:
+            self.register_buffer("kappa_psi", torch.ones(num_classes))
+            self.register_buffer("kappa_feature_sum", torch.zeros(num_classes, embedding_size))
+            self.register_buffer("kappa_count", torch.zeros(num_classes))
+        if isinstance(spec.sample_margin, AdaFaceMargin):
+            self.register_buffer("norm_mean", torch.tensor(20.0))
+            self.register_buffer("norm_std", torch.tensor(100.0))
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, spec={self.spec}"
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean loss over the batch from un-normalised embeddings [B, D] and labels [B]."""
+        z, extra = self._scaled_logits(embeddings, labels)
+        return F.cross_entropy(z, labels) + extra
+
+    def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Final scaled logits [B, C]: `F.cross_entropy(logits, labels)` is the loss when the spec adds no regulariser."""
+        return self._scaled_logits(embeddings, labels)[0]
+
+    def cosines(self, embeddings: Tensor) -> Tensor:
+        """Plain cosine similarities [B, C] to the class centres, float32 or wider."""
+        x, w = self._compute_inputs(embeddings)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Epoch hook: recompute KappaFace's per-class ψ from this epoch's class statistics, then reset them."""
+        cm = self.spec.class_margin
+        if cm is None:
+            return
+        psi, seen = T.kappa_psi(self.kappa_feature_sum.double(), self.kappa_count.double(), cm.T, cm.gamma)
+        self.kappa_psi.copy_(torch.where(seen, psi.to(self.kappa_psi.dtype), self.kappa_psi))
+        self.kappa_feature_sum.zero_()
+        self.kappa_count.zero_()
+
+    # ------------------------------------------------------------------ the pipeline
+    def _compute_inputs(self, embeddings: Tensor) -> tuple[Tensor, Tensor]:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {list(embeddings.shape)}")
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
+        return embeddings.to(dtype), self.weight.to(dtype)
+
+    def _check_labels(self, labels: Tensor, batch: int) -> None:
+        if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an integer tensor of shape [{batch}], got {labels.dtype} {list(labels.shape)}")
+        if batch and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+
+    def _scaled_logits(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        x, w = self._compute_inputs(embeddings)
+        self._check_labels(labels, x.shape[0])
+        labels = labels.long()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            norms = x.norm(dim=1)
+            x_unit = x / norms.clamp_min(1e-12)[:, None]
+            cos = (x_unit @ F.normalize(w, dim=1).t()).clamp(-1.0, 1.0)
+            cos_y = cos.gather(1, labels[:, None]).squeeze(1)
+            if self.training:
+                self._update_statistics(x_unit, norms, cos_y, labels)
+            f, extra = self._target(cos_y, labels, norms)
+            neg = self.spec.negative
+            if neg is None:
+                out = T.insert_target(cos, labels, f)
+            else:
+                t = self.curricular_t if neg.rule == "curricular" else neg.t
+                out = T.transform_negatives(cos, labels, f, neg.rule, t)
+            scale = self.scale.to(out.dtype)
+            z = out * scale
+            shift = self._modulation_shift(z, labels, scale)
+            if shift is not None:
+                z = z - F.one_hot(labels, self.num_classes).to(z.dtype) * shift[:, None]
+        return z, extra
+
+    @torch.no_grad()
+    def _update_statistics(self, x_unit: Tensor, norms: Tensor, cos_y: Tensor, labels: Tensor) -> None:
+        neg, sm = self.spec.negative, self.spec.sample_margin
+        if neg is not None and neg.rule == "curricular":
+            self.curricular_t.mul_(1.0 - neg.momentum).add_(neg.momentum * cos_y.mean().to(self.curricular_t.dtype))
+        if self.spec.class_margin is not None:
+            self.kappa_feature_sum.index_add_(0, labels, x_unit.to(self.kappa_feature_sum.dtype))
+            self.kappa_count.index_add_(0, labels, torch.ones_like(labels, dtype=self.kappa_count.dtype))
+        if isinstance(sm, AdaFaceMargin) and norms.numel() >= 2:
+            safe = norms.clamp(0.001, 100.0)
+            self.norm_mean.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.mean().to(self.norm_mean.dtype))
+            self.norm_std.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.std().to(self.norm_std.dtype))
+
+    def _target(self, cos_y: Tensor, labels: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """Transformed target cosine f [B] and any additive loss term (MagFace's regulariser)."""
+        target = self.spec.target
+        zero = cos_y.new_zeros(())
+        if isinstance(target, SphereFacePsi):
+            lam = T.sphereface_lambda(int(self.step), target.base, target.gamma, target.power, target.lambda_min)
+            if self.training:
+                self.step.add_(1)
+            return T.sphereface_target(cos_y, target.m, lam), zero
+        if isinstance(target, PiecewiseLinear):
+            return T.piecewise_target(cos_y, self.slopes.to(cos_y.dtype), self.intercepts.to(cos_y.dtype)), zero
+        assert isinstance(target, AngularMargin)
+        m2, m3, extra = self._target_margins(target, labels, norms, cos_y)
+        return T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through), extra
+
+    def _target_margins(self, target: AngularMargin, labels: Tensor, norms: Tensor,
+                        like: Tensor) -> tuple[Tensor | float, Tensor | float, Tensor]:
+        """(m2 radians, m3 cosine units), scalars or per sample, after class and sample adaptation."""
+        m2: Tensor | float = target.m2_rad
+        m3: Tensor | float = target.m3_cos
+        extra = like.new_zeros(())
+        if self.spec.class_margin is not None:
+            psi = self.kappa_psi.to(like.dtype)[labels]
+            m2, m3 = psi * m2, psi * m3
+        sm = self.spec.sample_margin
+        if isinstance(sm, ElasticMargin):
+            noise = (torch.randn(like.shape[0], device=like.device, dtype=torch.float32).to(like.dtype)
+                     if self.training else like.new_zeros(like.shape[0]))
+            if sm.on == "angular":
+                m2 = m2 + sm.sigma * noise
+            else:
+                m3 = m3 + sm.sigma * noise
+        elif isinstance(sm, AdaFaceMargin):
+            d2, d3 = T.adaface_offsets(norms, self.norm_mean.to(like.dtype), self.norm_std.to(like.dtype), sm.m, sm.h)
+            m2, m3 = m2 + d2, m3 + d3
+        elif isinstance(sm, MagFaceMargin):
+            m2 = m2 + T.magface_margin(norms, sm.l_a, sm.u_a, sm.l_m, sm.u_m)
+            extra = sm.lambda_g * T.magface_regularizer(norms, sm.l_a, sm.u_a)
+        return m2, m3, extra
+
+    def _modulation_shift(self, z: Tensor, labels: Tensor, scale: Tensor) -> Tensor | None:
+        mod = self.spec.modulation
+        if isinstance(mod, ProbabilityModulation):
+            return T.modulation_shift(z, labels, self.modulation_a.to(z.dtype))
+        if isinstance(mod, RandomModulation):
+            if self.training:
+                x = mod.sigma * torch.randn((), device=z.device, dtype=torch.float32).abs().to(z.dtype)
+            else:
+                x = z.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
+            a = -x * torch.exp(scale.detach() / 3.0)
+            return T.modulation_shift(z, labels, a.reshape(1))
+        return None
+
+
+@torch.no_grad()
+def target_logit_curve(spec: MarginSpec, theta_rad: Tensor, feature_norm: float | None = None) -> Tensor:
+    """Target logit / s against θ (radians) in eval mode, as papers plot it.
+
+    The only negative class is orthogonal (cos 0), which fixes p for a binned modulating factor;
+    `feature_norm` defaults to 20 for AdaFace (ẑ = 0 at its initial statistics), the middle of
+    [l_a, u_a] for MagFace and 1 otherwise. Per-class ψ (KappaFace) is at its initial value 1.
+    """
+    sm = spec.sample_margin
+    if feature_norm is None:
+        feature_norm = {AdaFaceMargin: 20.0}.get(type(sm), 1.0)
+        if isinstance(sm, MagFaceMargin):
+            feature_norm = (sm.l_a + sm.u_a) / 2.0
+    head = MarginSoftmax(spec, 3, 2).double().eval()
+    head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    theta = theta_rad.double()
+    x = feature_norm * torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], dim=1)
+    labels = torch.zeros(theta.shape[0], dtype=torch.long)
+    return head.logits(x, labels)[:, 0] / head.scale.double()
