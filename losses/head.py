@@ -204,7 +204,8 @@ def target_logit_curve(spec: MarginSpec, theta_rad: Tensor, feature_norm: float 
 
     The only negative class is orthogonal (cos 0), which fixes p for a binned modulating factor;
     `feature_norm` defaults to 20 for AdaFace (ẑ = 0 at its initial statistics), the middle of
-    [l_a, u_a] for MagFace and 1 otherwise. Per-class ψ (KappaFace) is at its initial value 1.
+    [l_a, u_a] for MagFace and 1 otherwise. Per-class ψ (KappaFace) is at its initial value 1;
+    SphereFace is at its annealed λ = lambda_min.
     """
     sm = spec.sample_margin
     if feature_norm is None:
@@ -212,6 +213,8 @@ def target_logit_curve(spec: MarginSpec, theta_rad: Tensor, feature_norm: float 
         if isinstance(sm, MagFaceMargin):
             feature_norm = (sm.l_a + sm.u_a) / 2.0
     head = MarginSoftmax(spec, 3, 2).double().eval()
+    if isinstance(spec.target, SphereFacePsi):
+        head.step.fill_(2**62)  # annealed: λ = lambda_min, the curve SphereFace trains towards
     head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
     theta = theta_rad.double()
     x = feature_norm * torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], dim=1)
