@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo losses clean
+.PHONY: venv test demo losses figures clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: venv
 
 losses: venv
 	$(BIN)/python -m losses
+
+# The README's pictures, regenerated from code (commit the result).
+CURVES := normface cosface arcface combined sphereface mv-arc curricularface search-softmax adaface magface
+figures: venv
+	$(BIN)/python -m losses --plot docs/target_logits.png $(CURVES) > /dev/null
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

@@ -177,3 +177,12 @@ def test_listing_and_plot(tmp_path, capsys):
     assert capsys.readouterr().out.count("\n| `") == len(NAMED)
     assert losses_main(["no-such-loss"]) == 2
     assert "unknown loss 'no-such-loss'" in capsys.readouterr().err
+
+
+def test_readme_table_is_the_generated_one(capsys):
+    from pathlib import Path
+    losses_main(["--markdown"])
+    generated = capsys.readouterr().out.strip().splitlines()[2:]
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text(encoding="utf-8")
+    missing = [row for row in generated if row not in readme]
+    assert not missing, f"README's named-point table is stale; regenerate with `python -m losses --markdown`: {missing[:1]}"
