@@ -1,0 +1,77 @@
+"""A training budget: what a proxy or a full training of one candidate may spend."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["Budget", "BUDGETS", "budget_from"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Epochs, identity subset, image size, backbone, batch, optimizer and schedule of one training."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    backbone: str = "tiny"
+    embedding_size: int = 128
+    image_size: int | None = None        # None: the data's own size
+    identities: int | None = None        # train on the first N identities only (proxy); None: all
+    optimizer: str = "sgd"               # "sgd" (momentum) or "adamw"
+    lr: float = 0.1
+    head_lr: float | None = None         # class centres' learning rate; None: lr
+    head_weight_decay: bool = False      # weight decay on the class centres
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    schedule: str = "cosine"             # "cosine" or "step" (×0.1 at each of `milestones`, fractions of training)
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    grad_clip: float | None = 5.0        # max gradient norm; None: off
+    amp: str = "bf16"                    # CUDA only: "bf16", "fp16" or "off"; CPU always runs float32
+    flip: bool = True                    # random horizontal flip
+    seed: int = 0
+    eval_pairs: int = 3000               # positive and negative pairs each for 10-fold verification
+    reward_metric: str = "tar@far=1e-3"  # the evaluator metric a search maximises
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch_size must be ≥ 2, got {self.batch_size}"),
+            (self.embedding_size >= 2, f"embedding_size must be ≥ 2, got {self.embedding_size}"),
+            (self.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}"),
+            (self.schedule in ("cosine", "step"), f"schedule must be 'cosine' or 'step', got {self.schedule!r}"),
+            (self.amp in ("bf16", "fp16", "off"), f"amp must be 'bf16', 'fp16' or 'off', got {self.amp!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.identities is None or self.identities >= 2, f"identities must be ≥ 2, got {self.identities}"),
+            (self.image_size is None or 8 <= self.image_size <= 512, f"image_size must be in [8, 512], got {self.image_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"budget: {message}")
+
+
+BUDGETS: dict[str, Budget] = {
+    "proxy": Budget(epochs=4),
+    "full": Budget(epochs=12),
+}
+
+
+def budget_from(name_or_budget: str | Budget = "proxy", **overrides: Any) -> Budget:
+    """A named budget (proxy, full) or a Budget, with fields overridden."""
+    if isinstance(name_or_budget, Budget):
+        base = name_or_budget
+    elif name_or_budget in BUDGETS:
+        base = BUDGETS[name_or_budget]
+    else:
+        raise ValueError(f"unknown budget {name_or_budget!r}; choose one of {', '.join(BUDGETS)}")
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"budget: unknown field(s) {unknown}; known: {', '.join(sorted(fields))}")
+    return dataclasses.replace(base, **overrides)
+
+
+def budget_dict(budget: Budget) -> Mapping[str, Any]:
+    """Plain dict for tracking."""
+    return dataclasses.asdict(budget)
