@@ -49,10 +49,10 @@ class MarginSoftmax(nn.Module):
         if isinstance(target, SphereFacePsi):
             self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if isinstance(target, PiecewiseLinear):
-            self.register_buffer("slopes", torch.tensor(target.slopes), persistent=False)
-            self.register_buffer("intercepts", torch.tensor(target.intercepts), persistent=False)
+            self.register_buffer("slopes", torch.tensor(target.slopes, dtype=torch.float64), persistent=False)
+            self.register_buffer("intercepts", torch.tensor(target.intercepts, dtype=torch.float64), persistent=False)
         if isinstance(spec.modulation, ProbabilityModulation):
-            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a), persistent=False)
+            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a, dtype=torch.float64), persistent=False)
         if neg is not None and neg.rule == "curricular":
             self.register_buffer("curricular_t", torch.tensor(float(neg.t)))
         if spec.class_margin is not None:

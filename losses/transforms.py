@@ -125,7 +125,7 @@ def modulation_shift(z: Tensor, labels: Tensor, a: Tensor) -> Tensor:
     if a.numel() == 1:
         return torch.log1p(-a).expand(z.shape[0])
     with torch.no_grad():
-        p = torch.softmax(z.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
+        p = torch.softmax(z, dim=1).gather(1, labels[:, None]).squeeze(1)
         idx = torch.floor(p * a.numel()).long().clamp(0, a.numel() - 1)
     return torch.log1p(-a[idx])
 
