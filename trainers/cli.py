@@ -1,0 +1,226 @@
+"""`marginsearch`: the command line. Bad input ends with one line on stderr and exit code 2.
+
+    marginsearch losses [--plot FILE] [NAME ...]
+    marginsearch train --loss NAME [--set key=value ...] [--data SOURCE] [--budget proxy|full] [--out DIR]
+    marginsearch evaluate --model PATH --data SOURCE [--split test]
+    marginsearch export --model PATH --format torchscript|onnx --out FILE
+
+SOURCE is synthetic:<preset>, imagefolder:<dir>, recordio:<file.rec>, bin:<file.bin> or
+pairs:<pairs.txt>@<image root>. Run `train` under `torchrun --nproc-per-node N` for DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+__all__ = ["main", "parse_assignments", "COMMANDS"]
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def parse_value(text: str) -> Any:
+    """'0.5' → 0.5, 'true' → True, '[1, 2]' → [1, 2], anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignments(items: Sequence[str] | None, what: str = "--set") -> dict[str, Any]:
+    """['m=0.4', 'guard=easy'] → {'m': 0.4, 'guard': 'easy'}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _spec(args: argparse.Namespace):
+    from losses import MarginSpec, named
+
+    if args.spec:
+        path = Path(args.spec)
+        if not path.is_file():
+            raise UsageError(f"--spec {path} does not exist")
+        try:
+            return MarginSpec.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--spec {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    return named(args.loss, **parse_assignments(args.set))
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from losses.__main__ import main as losses_main
+    return losses_main([*(["--markdown"] if args.markdown else []), *(["--plot", args.plot] if args.plot else []),
+                        *args.names])
+
+
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes in the environment; True if one was started."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .budget import budget_from
+    from .export import save_bundle
+    from .sources import training_data
+    from .train import train
+
+    spec = _spec(args)
+    budget = budget_from(args.budget, **parse_assignments(args.budget_set, "--budget-set"))
+    auxiliary = {}
+    for item in args.aux or []:
+        name, _, rest = item.partition(":")
+        weight, _, params = rest.partition(":")
+        try:
+            auxiliary[name] = (float(weight or 1.0), parse_assignments([p for p in params.split(",") if p], "--aux"))
+        except ValueError:
+            raise UsageError(f"--aux expects name:weight[:key=value,...], got {item!r}") from None
+    data = training_data(args.data)
+    distributed = _init_distributed()
+    try:
+        result = train(spec, data, budget, auxiliary=auxiliary or None, checkpoint=args.checkpoint,
+                       progress=not args.quiet, on_epoch=None if args.quiet else _print_epoch)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            if rank != 0:
+                return 0
+    out = Path(args.out)
+    size = budget.image_size or int(data.images.shape[-1])
+    path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, size,
+                       {"spec": spec.to_dict(), "metrics": result.metrics, "status": result.status})
+    summary = {"status": result.status, "reason": result.reason, "reward": result.reward,
+               "metrics": result.metrics, "model": str(path)}
+    (out / "result.json").write_text(json.dumps(summary, indent=1, default=_nan_safe))
+    print(json.dumps(summary, indent=1, default=_nan_safe))
+    return 0 if result.status != "diverged" else 1
+
+
+def _nan_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def _print_epoch(report) -> None:
+    print(f"epoch {report.epoch}: loss {report.train_loss:.4f}  reward {report.reward:.4f}  "
+          f"acc {report.metrics.get('accuracy', float('nan')):.4f}  {report.images_per_second:.0f} img/s",
+          file=sys.stderr, flush=True)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .export import load_model
+    from .judge import judge, judge_pairs
+    from .sources import PairSet, evaluation_data
+
+    model, _ = _load_any_model(args.model, load_model)
+    data = evaluation_data(args.data, split=args.split)
+    if isinstance(data, PairSet):
+        metrics = judge_pairs(model, data.images, data.issame)
+    else:
+        metrics = judge(model, data, pairs=args.pairs)
+    print(json.dumps({"data": args.data, "metrics": metrics}, indent=1, default=_nan_safe))
+    return 0
+
+
+def _load_any_model(uri: str, load_model: Callable):
+    if uri.startswith("models:/") or uri.startswith("runs:/"):
+        try:
+            import mlflow.pytorch
+        except ImportError:
+            raise UsageError("loading a models:/ URI needs mlflow installed") from None
+        return mlflow.pytorch.load_model(uri).eval(), {}
+    return load_model(uri)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model, load_model
+
+    model, meta = load_model(args.model)
+    size = int(meta.get("input_size") or meta.get("input", {}).get("shape", [0, 0, 0, 112])[3])
+    path = export_model(model, args.out, args.format, input_size=size, extra={"spec": meta.get("spec")})
+    print(f"wrote {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="marginsearch", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("losses", help="list the named losses; --plot draws their target-logit curves")
+    s.add_argument("--markdown", action="store_true")
+    s.add_argument("--plot", metavar="FILE.png")
+    s.add_argument("names", nargs="*")
+
+    s = sub.add_parser("train", help="train one named loss or spec under a budget")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--loss", help="a named loss (see `marginsearch losses`)")
+    g.add_argument("--spec", metavar="FILE.json", help="a MarginSpec as JSON (MarginSpec.to_dict)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a parameter of the named loss")
+    s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
+    s.add_argument("--budget", default="proxy", help="proxy or full")
+    s.add_argument("--budget-set", action="append", metavar="KEY=VALUE", help="override a budget field, e.g. epochs=2")
+    s.add_argument("--aux", action="append", metavar="NAME:WEIGHT[:K=V,...]", help="auxiliary term, e.g. range:0.1")
+    s.add_argument("--checkpoint", metavar="FILE.pt", help="save each epoch here and resume from it")
+    s.add_argument("--out", default="out/train", metavar="DIR")
+    s.add_argument("--quiet", action="store_true")
+
+    s = sub.add_parser("evaluate", help="judge a model on a benchmark split, a folder, a .bin set or a pairs list")
+    s.add_argument("--model", required=True, metavar="PATH_OR_MODELS_URI")
+    s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
+    s.add_argument("--split", default="test", help="val or test (synthetic sources)")
+    s.add_argument("--pairs", type=int, default=3000, help="positive and negative pairs for 10-fold accuracy")
+
+    s = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
+    s.add_argument("--model", required=True, metavar="PATH")
+    s.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
+    s.add_argument("--out", required=True, metavar="FILE")
+    return p
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "losses": cmd_losses, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `marginsearch` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # SpecError, DataError, SourceError, budget errors
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"marginsearch {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"marginsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Verification and identification protocols the field publishes, on L2-normalised embeddings (numpy).
+
+- `verification_accuracy`: insightface's LFW/CFP-FP/AgeDB protocol (arcface_torch
+  eval/verification.py): squared-L2 distance, thresholds arange(0, 4, 0.01), 10 unshuffled folds,
+  threshold picked on the other 9, mean ± std accuracy; VAL@FAR on the same folds.
+- `tar_at_far`, `roc_auc`: over all pairs (IJB-style TAR at FAR = 1e-2 … 1e-6).
+- `identification_rank1`, `accuracy_by_frequency`: 1:N closed-set rank-1, per long-tail bucket.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+__all__ = ["THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc", "roc_curve",
+           "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold", "identification_rank1",
+           "split_by_frequency", "accuracy_by_frequency"]
+
+THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 distance thresholds of the insightface protocol
+
+
+def kfold_indices(n: int, n_folds: int) -> list[np.ndarray]:
+    """Contiguous unshuffled folds; the first n % n_folds folds hold one extra item (sklearn KFold's split)."""
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    ends = np.cumsum(sizes)
+    return [np.arange(e - s, e) for s, e in zip(sizes, ends)]
+
+
+def _acc(threshold: float, dist: np.ndarray, issame: np.ndarray) -> tuple[float, float, float]:
+    """(TPR, FPR, accuracy) when pairs with distance < threshold are called 'same'."""
+    pred = dist < threshold
+    tp, fp = np.sum(pred & issame), np.sum(pred & ~issame)
+    tn, fn = np.sum(~pred & ~issame), np.sum(~pred & issame)
+    tpr = 0.0 if tp + fn == 0 else tp / (tp + fn)
+    fpr = 0.0 if fp + tn == 0 else fp / (fp + tn)
+    return float(tpr), float(fpr), float((tp + tn) / dist.size)
+
+
+def _val_far(threshold: float, dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """(VAL, FAR) at `threshold`: fractions of same / different pairs called 'same'."""
+    pred = dist < threshold
+    n_same, n_diff = np.sum(issame), np.sum(~issame)
+    val = np.sum(pred & issame) / n_same if n_same else 0.0
+    far = np.sum(pred & ~issame) / n_diff if n_diff else 0.0
+    return float(val), float(far)
+
+
+def _check_pairs(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, n_folds: int) -> None:
+    if e1.shape != e2.shape or e1.ndim != 2:
+        raise ValueError(f"verification needs two [N, D] embedding arrays of one shape, got {e1.shape} and {e2.shape}")
+    if issame.shape != (e1.shape[0],):
+        raise ValueError(f"issame must have one entry per pair ({e1.shape[0]}), got shape {issame.shape}")
+    if not 2 <= n_folds <= e1.shape[0]:
+        raise ValueError(f"n_folds must lie in [2, number of pairs = {e1.shape[0]}], got {n_folds}")
+
+
+def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame: Iterable[bool],
+                          n_folds: int = 10, far_target: float = 1e-3) -> dict[str, object]:
+    """insightface 10-fold verification: accuracy and accuracy_std (fractions), VAL@FAR, best thresholds (squared L2)."""
+    e1, e2 = np.asarray(embeddings1, dtype=np.float64), np.asarray(embeddings2, dtype=np.float64)
+    same = np.asarray(list(issame) if not isinstance(issame, np.ndarray) else issame).astype(bool)
+    _check_pairs(e1, e2, same, n_folds)
+    dist = np.sum((e1 - e2) ** 2, axis=1)
+    n_t = len(THRESHOLDS)
+    folds = kfold_indices(len(same), n_folds)
+    tprs, fprs = np.zeros((n_folds, n_t)), np.zeros((n_folds, n_t))
+    accuracy, best, val, far = (np.zeros(n_folds) for _ in range(4))
+    for k, test in enumerate(folds):
+        train = np.setdiff1d(np.arange(len(same)), test)
+        train_acc = np.array([_acc(t, dist[train], same[train])[2] for t in THRESHOLDS])
+        i_best = int(np.argmax(train_acc))
+        for i, t in enumerate(THRESHOLDS):
+            tprs[k, i], fprs[k, i], _ = _acc(t, dist[test], same[test])
+        best[k] = THRESHOLDS[i_best]
+        accuracy[k] = _acc(THRESHOLDS[i_best], dist[test], same[test])[2]
+        far_train = np.array([_val_far(t, dist[train], same[train])[1] for t in THRESHOLDS])
+        if far_train.max() >= far_target:
+            far_u, first = np.unique(far_train, return_index=True)  # the threshold where each FAR first appears
+            threshold = float(np.interp(far_target, far_u, THRESHOLDS[first]))
+        else:
+            threshold = 0.0
+        val[k], far[k] = _val_far(threshold, dist[test], same[test])
+    return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+            "fold_accuracies": accuracy, "best_thresholds": best,
+            "val": float(val.mean()), "val_std": float(val.std()), "far": float(far.mean()),
+            "tpr": tprs.mean(0), "fpr": fprs.mean(0)}
+
+
+def _check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s, y = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(issame).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and issame differ in length: {s.shape[0]} vs {y.shape[0]}")
+    if not y.any() or y.all():
+        raise ValueError("need both positive and negative pairs to measure TAR@FAR / AUC")
+    return s, y
+
+
+def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars: Iterable[float]) -> dict[float, float]:
+    """TAR at each FAR over all pairs (similarity scores); NaN where the negatives are too few (n_neg·FAR < 1)."""
+    s, y = _check_scores(scores, issame)
+    neg = np.sort(s[~y])[::-1]
+    pos = s[y]
+    out: dict[float, float] = {}
+    for f in fars:
+        k = int(np.floor(f * len(neg)))
+        if k < 1:
+            out[f] = float("nan")
+            continue
+        threshold = neg[k] if k < len(neg) else -np.inf  # the (k+1)-th largest: at most k negatives above it
+        out[f] = float(np.mean(pos > threshold))
+    return out
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x))
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ranks[order[lo:hi]] = 0.5 * (lo + 1 + hi)
+    return ranks
+
+
+def roc_auc(scores: np.ndarray, issame: np.ndarray) -> float:
+    """Area under the ROC curve by the Mann–Whitney U statistic (ties count one half)."""
+    s, y = _check_scores(scores, issame)
+    ranks = _average_ranks(s)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(FPR, TPR, thresholds) for 'same' = score ≥ threshold, thresholds descending."""
+    s, y = _check_scores(scores, issame)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, s[last]]
+
+
+def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to n_pos distinct same-identity pairs and n_neg distinct different-identity pairs, shuffled (seeded)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    pos = np.array([(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]], dtype=np.int64).reshape(-1, 2)
+    if len(pos) == 0:
+        raise ValueError("no identity has two images: cannot form a positive pair")
+    pos = pos[rng.choice(len(pos), size=min(n_pos, len(pos)), replace=False)]
+    n = len(labels)
+    max_neg = n * (n - 1) // 2 - sum(len(g) * (len(g) - 1) // 2 for g in groups)
+    want = min(n_neg, max_neg)
+    seen: set[tuple[int, int]] = set()
+    while len(seen) < want:
+        a, b = rng.integers(0, n, size=(2, 2 * (want - len(seen)) + 16))
+        for i, j in zip(a.tolist(), b.tolist()):
+            if labels[i] != labels[j]:
+                seen.add((min(i, j), max(i, j)))
+                if len(seen) == want:
+                    break
+    neg = np.array(sorted(seen), dtype=np.int64).reshape(-1, 2)
+    pairs = np.concatenate([pos, neg])
+    same = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    order = rng.permutation(len(pairs))
+    return pairs[order, 0], pairs[order, 1], same[order]
+
+
+def hard_pair_mask(scores: np.ndarray, issame: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """The hardest `fraction` of positives (lowest scores) and of negatives (highest), at least one each."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(issame).astype(bool)
+    mask = np.zeros(len(s), bool)
+    for keep, sign in ((y, 1.0), (~y, -1.0)):
+        idx = np.flatnonzero(keep)
+        if len(idx):
+            k = max(1, int(round(fraction * len(idx))))
+            mask[idx[np.argsort(sign * s[idx], kind="mergesort")[:k]]] = True
+    return mask
+
+
+def accuracy_at_threshold(scores: np.ndarray, issame: np.ndarray, threshold: float) -> float:
+    """Fraction of pairs decided right when score > threshold means 'same'."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(issame).astype(bool)
+    return float(np.mean((s > threshold) == y)) if len(s) else float("nan")
+
+
+def identification_rank1(gallery_emb: np.ndarray, gallery_labels: np.ndarray, probe_emb: np.ndarray,
+                         probe_labels: np.ndarray, chunk: int = 4096) -> float:
+    """1:N closed-set identification: fraction of probes whose most similar gallery item shares their label."""
+    gallery_labels, probe_labels = np.asarray(gallery_labels), np.asarray(probe_labels)
+    hits = 0
+    for s in range(0, len(probe_emb), chunk):
+        nearest = np.argmax(probe_emb[s:s + chunk] @ gallery_emb.T, axis=1)
+        hits += int(np.sum(gallery_labels[nearest] == probe_labels[s:s + chunk]))
+    return hits / max(1, len(probe_emb))
+
+
+def split_by_frequency(counts: Mapping[int, int] | np.ndarray) -> dict[str, np.ndarray]:
+    """Identities in thirds by training image count: head (most images), middle, tail."""
+    if isinstance(counts, Mapping):
+        ids, n = np.array(list(counts.keys())), np.array(list(counts.values()))
+    else:
+        ids, n = np.arange(len(counts)), np.asarray(counts)
+    order = ids[np.argsort(-n, kind="mergesort")]
+    head, middle, tail = np.array_split(order, 3)
+    return {"head": head, "middle": middle, "tail": tail}
+
+
+def accuracy_by_frequency(embeddings: np.ndarray, labels: np.ndarray,
+                          train_counts: Mapping[int, int] | np.ndarray) -> dict[str, float]:
+    """Leave-one-out rank-1 (nearest other image) per head / middle / tail bucket of training frequency."""
+    labels = np.asarray(labels)
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -np.inf)
+    correct = labels[np.argmax(sims, axis=1)] == labels
+    out = {}
+    for bucket, ids in split_by_frequency(train_counts).items():
+        mask = np.isin(labels, ids)
+        out[bucket] = float(correct[mask].mean()) if mask.any() else float("nan")
+    return out

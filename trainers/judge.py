@@ -1,0 +1,116 @@
+"""Judge a model on labelled held-out identities with the protocols the field publishes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import evaluate as ev
+
+__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "FARS"]
+
+FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+@dataclass
+class LabelledImages:
+    """Held-out images (uint8 [N, 3, H, W]) with identity labels and optional hard-sample flags."""
+
+    images: Tensor
+    labels: Tensor
+    hard: Tensor | None = None
+    name: str = "val"
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size: int = 512,
+          device: torch.device | str = "cpu", flip: bool = True) -> np.ndarray:
+    """L2-normalised embeddings [N, D] (float64), each the normalised sum of the image's and its mirror's (insightface)."""
+    from .train import to_float_images
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float_images(images[start:start + batch_size], size).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        e = model(x).float()
+        if flip:
+            e = e + model(x.flip(-1)).float()
+        out.append(torch.nn.functional.normalize(e, dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int = 0,
+          device: torch.device | str = "cpu") -> dict[str, float]:
+    """Verification (all-pairs TAR@FAR, ROC AUC; 10-fold accuracy on sampled pairs), hard pairs, rank-1.
+
+    Keys: tar@far=1e-2 … 1e-6 (NaN where there are too few negative pairs), auc, accuracy,
+    accuracy_std, val@far=1e-3, hard_accuracy, rank1, and hard_sample_tar@far=1e-3 when the
+    data flags hard samples.
+    """
+    size = _model_input_size(model)
+    emb = embed(model, data.images, size=size, device=device)
+    labels = data.labels.cpu().numpy()
+    metrics: dict[str, float] = {}
+
+    iu, ju = np.triu_indices(len(labels), k=1)
+    scores = np.einsum("ij,ij->i", emb[iu], emb[ju]) if len(iu) < 2_000_000 else _chunked_scores(emb, iu, ju)
+    same = labels[iu] == labels[ju]
+    for far, tar in ev.tar_at_far(scores, same, FARS).items():
+        metrics[_far_key(far)] = float(tar)
+    metrics["auc"] = float(ev.roc_auc(scores, same))
+    if data.hard is not None and bool(data.hard.any()):
+        involves_hard = data.hard.cpu().numpy()[iu] | data.hard.cpu().numpy()[ju]
+        tar = ev.tar_at_far(scores[involves_hard | ~same], same[involves_hard | ~same], (1e-3,))
+        metrics["hard_sample_tar@far=1e-3"] = float(tar[1e-3])
+
+    i1, i2, issame = ev.pairs_from_labels(labels, pairs, pairs, seed)
+    ver = ev.verification_accuracy(emb[i1], emb[i2], issame)
+    metrics["accuracy"] = float(ver["accuracy"])
+    metrics["accuracy_std"] = float(ver["accuracy_std"])
+    metrics["val@far=1e-3"] = float(ver["val"])
+    pair_scores = np.einsum("ij,ij->i", emb[i1], emb[i2])
+    threshold = 1.0 - float(np.mean(ver["best_thresholds"])) / 2.0  # squared L2 → cosine
+    hard = ev.hard_pair_mask(pair_scores, issame, 0.1)
+    metrics["hard_accuracy"] = float(ev.accuracy_at_threshold(pair_scores[hard], issame[hard], threshold))
+
+    first = np.unique(labels, return_index=True)[1]
+    probe = np.setdiff1d(np.arange(len(labels)), first)
+    if len(probe):
+        metrics["rank1"] = float(ev.identification_rank1(emb[first], labels[first], emb[probe], labels[probe]))
+    return metrics
+
+
+def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray, device: torch.device | str = "cpu") -> dict[str, float]:
+    """A verification pair list (.bin or pairs.txt; pair i = images 2i, 2i+1): insightface 10-fold accuracy, VAL, TAR@FAR, AUC."""
+    emb = embed(model, images, size=_model_input_size(model), device=device)
+    e1, e2 = emb[0::2], emb[1::2]
+    issame = np.asarray(issame, dtype=bool)
+    ver = ev.verification_accuracy(e1, e2, issame)
+    scores = np.einsum("ij,ij->i", e1, e2)
+    metrics = {"accuracy": float(ver["accuracy"]), "accuracy_std": float(ver["accuracy_std"]),
+               "val@far=1e-3": float(ver["val"]), "auc": float(ev.roc_auc(scores, issame))}
+    for far, tar in ev.tar_at_far(scores, issame, FARS).items():
+        metrics[_far_key(far)] = float(tar)
+    return metrics
+
+
+def _far_key(far: float) -> str:
+    return f"tar@far={far:.0e}".replace("e-0", "e-")
+
+
+def _chunked_scores(emb: np.ndarray, iu: np.ndarray, ju: np.ndarray, chunk: int = 1_000_000) -> np.ndarray:
+    out = np.empty(len(iu))
+    for s in range(0, len(iu), chunk):
+        out[s:s + chunk] = np.einsum("ij,ij->i", emb[iu[s:s + chunk]], emb[ju[s:s + chunk]])
+    return out
+
+
+def _model_input_size(model: nn.Module) -> int | None:
+    backbone = getattr(model, "backbone", model)
+    size = getattr(backbone, "input_size", None)
+    return size[0] if isinstance(size, tuple) else size
