@@ -1,0 +1,418 @@
+"""MLflow tracking of a search campaign: one parent run per search, one nested run per trial, promoted models.
+
+Every call goes through an explicit `mlflow.MlflowClient` and run id, never the fluent active-run
+stack, so trials can log from Ray workers and separate processes. One owner per run: the
+coordinator owns the search run, each trial's process owns its trial run and reopens it (by its
+trial key) when the trial is retried or restored. Tracking URIs are absolute (Ray workers chdir).
+
+Run states: complete → FINISHED, pruned → KILLED, failed → FAILED, with the state and the reason
+also kept as tags (`marginsearch.state`, `marginsearch.reason`).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
+                                     MAX_TAG_VAL_LENGTH)
+from torch import nn
+
+from losses import MarginSpec, identify, named
+
+__all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
+           "check_tracking_uri", "log_embedding_model", "target_logit_png"]
+
+
+class TrackingError(ValueError):
+    """A tracking URI, run or argument the tracking layer cannot use."""
+
+
+# Trial end states and the MLflow run status each one ends in.
+STATES: dict[str, str] = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "abandoned": "KILLED"}
+
+# Exceptions that end a trial run in a state other than "failed", by qualified class name (no imports).
+STOP_EXCEPTIONS: dict[str, str] = {"optuna.exceptions.TrialPruned": "pruned"}
+
+TAG = "marginsearch."          # prefix of every tag this module writes
+PARENT_TAG = "mlflow.parentRunId"
+CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
+HEALTH_TIMEOUT_S = 3.0
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
+    """An absolute tracking URI: None → sqlite:////<workdir>/mlflow.db; relative sqlite/file paths → under `workdir`."""
+    base = Path(workdir).absolute()
+    if uri is None:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if path in ("", ":memory:") or os.path.isabs(path):
+            return uri
+        return f"sqlite:///{base / path}{sep}{query}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        path = path[2:] if path.startswith("//") else path
+        return uri if os.path.isabs(path) else (base / path).as_uri()
+    if "://" not in uri:  # a plain path: a .db file is a SQLite store, anything else a file store
+        path = base / uri
+        return f"sqlite:///{path}" if path.suffix == ".db" else path.as_uri()
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """TrackingError at once if an http(s) server is silent for 3 s or a sqlite/file store's folder is missing."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answered (an auth wall or a proxy still means it is up)
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) "
+                                f"or use a sqlite://// URI") from None
+    for prefix in ("sqlite:///", "file:"):
+        if not uri.startswith(prefix):
+            continue
+        path = uri[len(prefix):].partition("?")[0]
+        path = path[2:] if prefix == "file:" and path.startswith("//") else path
+        if path in ("", ":memory:"):
+            return
+        if not os.path.isabs(path):
+            raise TrackingError(f"tracking URI {uri} is relative; pass resolve_tracking_uri(uri, workdir)")
+        if not Path(path).parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {Path(path).parent} does not exist")
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings → dotted keys; values as strings cut to MLflow's param limit."""
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return out
+
+
+def _tag_value(value: Any) -> str:
+    return str(value)[:MAX_TAG_VAL_LENGTH]
+
+
+def _literal(value: str) -> str:
+    """A quoted literal for an MLflow filter string."""
+    if "'" in value:
+        raise TrackingError(f"search value {value!r} contains a single quote")
+    return f"'{value}'"
+
+
+def _png(figure: Any) -> bytes:
+    """PNG bytes of a matplotlib Figure (or bytes unchanged)."""
+    if isinstance(figure, (bytes, bytearray)):
+        return bytes(figure)
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def target_logit_png(spec: MarginSpec, label: str) -> bytes:
+    """A small PNG of the spec's target-logit curve over ArcFace and CosFace (matplotlib Agg, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    from losses.plot import plot_target_logits
+
+    fig = Figure(figsize=(5.0, 3.5))
+    curves = {label: spec, **{name: named(name) for name in CURVE_REFERENCES if named(name) != spec}}
+    plot_target_logits(curves, ax=fig.subplots(), points=181)
+    fig.tight_layout()
+    return _png(fig)
+
+
+class TrialRun:
+    """One run this process owns: log per-epoch metrics, then finish it; as a context manager exceptions end it too.
+
+    `exit_state` is the state a `SystemExit` (Ray Tune stopping the trial) ends the run in: "pruned"
+    unless the caller sets it to "complete" before its last report.
+    """
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str, resumed: bool = False) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.resumed = resumed
+        self.exit_state = "pruned"
+        self.state: str | None = None
+        self._last_step = 0
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Log one epoch's metrics in one batch; NaN/inf values are kept out of the history and noted as tags."""
+        self._last_step = int(epoch)
+        _log_metrics(self.client, self.run_id, metrics, int(epoch))
+
+    def finish(self, state: str, reason: str = "", reward: float | None = None) -> None:
+        """End the run: complete → FINISHED, pruned → KILLED, failed → FAILED; a second call is ignored."""
+        if state not in STATES:
+            raise TrackingError(f"unknown trial state {state!r}; choose one of {sorted(STATES)}")
+        if self.state is not None:
+            return
+        if reward is not None:
+            _log_metrics(self.client, self.run_id, {"reward": reward}, self._last_step)
+        tags = {f"{TAG}state": state, f"{TAG}reason": reason}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, _tag_value(v)) for k, v in tags.items()])
+        self.client.set_terminated(self.run_id, STATES[state])
+        self.state = state
+
+    def __enter__(self) -> "TrialRun":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        """Finish by how the block ended (SystemExit → exit_state, pruning → pruned, else failed); never swallows."""
+        if exc is None:
+            self.finish("complete")
+        elif isinstance(exc, SystemExit):
+            self.finish(self.exit_state, f"stopped by the scheduler (SystemExit {exc.code})")
+        else:
+            names = [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+            state = next((STOP_EXCEPTIONS[n] for n in names if n in STOP_EXCEPTIONS), "failed")
+            self.finish(state, f"{type(exc).__name__}: {exc}")
+        return False
+
+
+_NAME_SWAPS = (("@", "_at_"), ("=", "_"), ("<", "_lt_"), (">", "_gt_"), ("±", "_pm_"))
+
+
+def mlflow_name(name: str) -> str:
+    """An evaluator metric name as MLflow accepts it: 'tar@far=1e-3' → 'tar_at_far_1e-3'."""
+    for old, new in _NAME_SWAPS:
+        name = name.replace(old, new)
+    return name
+
+
+def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Finite metrics in batches of MLflow's limit; a non-finite value becomes tag marginsearch.nonfinite.<key>."""
+    stamp = int(time.time() * 1000)
+    finite, odd = [], []
+    for key, value in metrics.items():
+        value = float(value)
+        if math.isfinite(value):
+            finite.append(Metric(mlflow_name(key), value, stamp, step))
+        else:
+            odd.append(RunTag(f"{TAG}nonfinite.{mlflow_name(key)}", f"{value} at step {step}"))
+    for i in range(0, len(finite), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=finite[i:i + MAX_METRICS_PER_BATCH])
+    if odd:
+        client.log_batch(run_id, tags=odd)
+
+
+class CampaignTracker:
+    """The MLflow experiment of one campaign (created on first use) and the runs in it."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        if not experiment_name:
+            raise TrackingError("experiment name must not be empty")
+        check_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.experiment_id = self._experiment_id()
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickles as (URI, name), so a Ray worker rebuilds its own client."""
+        return CampaignTracker, (self.tracking_uri, self.experiment_name)
+
+    def _experiment_id(self) -> str:
+        """Get, restore or create the experiment; SQLite stores keep artifacts in mlartifacts/ beside the db."""
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is None:
+            location = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                db = Path(self.tracking_uri[len("sqlite:///"):].partition("?")[0])
+                location = (db.parent / "mlartifacts").as_uri()
+            try:
+                return self.client.create_experiment(self.experiment_name, artifact_location=location)
+            except MlflowException:  # another process created it first
+                found = self.client.get_experiment_by_name(self.experiment_name)
+                if found is None:
+                    raise TrackingError(f"cannot create experiment {self.experiment_name!r} "
+                                        f"at {self.tracking_uri}") from None
+        if found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+
+    # ------------------------------------------------------------------ helpers
+    def _search(self, filters: Mapping[str, str]) -> list[Any]:
+        """All active runs of the experiment whose tags/attributes equal `filters`, newest first."""
+        clauses = " and ".join(f"{key} = {_literal(value)}" for key, value in filters.items())
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], clauses, max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Log params absent from the run (MLflow refuses to change one); changed values are noted in a tag."""
+        logged = self.client.get_run(run_id).data.params
+        fresh = [Param(k, v) for k, v in params.items() if k not in logged]
+        changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+        for i in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=fresh[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        if changed:
+            self.client.set_tag(run_id, f"{TAG}changed_params", _tag_value(", ".join(changed)))
+
+    def _set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, _tag_value(v)) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_files(self, run_id: str, files: Mapping[str, str | bytes]) -> None:
+        """Write each name → text/bytes as an artifact file (names may hold sub-folders), in one upload."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                target = Path(tmp, name)
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise TrackingError(f"artifact name {name!r} must be a relative path inside the run")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content if isinstance(content, bytes) else str(content).encode())
+            self.client.log_artifacts(run_id, tmp)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log metrics on any run (search progress, say) in one batch; non-finite values become tags."""
+        _log_metrics(self.client, run_id, metrics, step)
+
+    # ------------------------------------------------------------------ search (parent) runs
+    def find_run(self, tags: Mapping[str, str]) -> str | None:
+        """The newest active run whose tags equal all of `tags`, or None."""
+        runs = self._search({f"tags.`{k}`": str(v) for k, v in tags.items()})
+        return runs[0].info.run_id if runs else None
+
+    def start_search(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                     artifacts: Mapping[str, str | bytes], resume_key: str | None = None) -> str:
+        """Open the campaign's parent run, or with `resume_key` reopen the run tagged with it (RUNNING again)."""
+        key_tags = {f"{TAG}campaign_key": resume_key} if resume_key else {}
+        run_id = self.find_run(key_tags) if resume_key else None
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                         tags={**{k: _tag_value(v) for k, v in tags.items()}, **key_tags,
+                                               f"{TAG}kind": "search"})
+            run_id = run.info.run_id
+        else:
+            resumed = int(self.client.get_run(run_id).data.tags.get(f"{TAG}resumed", "0")) + 1
+            self.client.update_run(run_id, status="RUNNING")
+            self._set_tags(run_id, {**tags, f"{TAG}resumed": resumed})
+        self._log_params(run_id, _flatten(params))
+        if artifacts:
+            self.log_files(run_id, artifacts)
+        return run_id
+
+    def end_search(self, parent_run_id: str, table_markdown: str, figures: Mapping[str, Any],
+                   metrics: Mapping[str, float]) -> None:
+        """Log the results table (results.md), figures (figures/<name>.png) and final metrics; end FINISHED."""
+        files: dict[str, str | bytes] = {"results.md": table_markdown}
+        for name, figure in figures.items():
+            files[f"figures/{name if name.endswith('.png') else name + '.png'}"] = _png(figure)
+        self.log_files(parent_run_id, files)
+        _log_metrics(self.client, parent_run_id, metrics, 0)
+        self.client.set_terminated(parent_run_id, "FINISHED")
+
+    def close_abandoned(self, parent_run_id: str,
+                        reason: str = "its worker stopped before ending the run") -> list[str]:
+        """Mark child runs still RUNNING as KILLED (state "abandoned"); call only while no worker is logging."""
+        runs = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, "attributes.status": "RUNNING"})
+        for run in runs:
+            TrialRun(self.client, run.info.run_id).finish("abandoned", reason)
+        return [run.info.run_id for run in runs]
+
+    # ------------------------------------------------------------------ trial (nested) runs
+    def trial_run(self, parent_run_id: str, trial_key: str, spec: MarginSpec, params: Mapping[str, Any],
+                  tags: Mapping[str, Any]) -> TrialRun:
+        """Open the trial's nested run, or reopen the one under this parent with the same trial key."""
+        key_tags = {f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key}
+        found = self._search(key_tags)
+        loss = identify(spec) or "none"
+        if found:
+            run_id = found[0].info.run_id
+            reopened = int(found[0].data.tags.get(f"{TAG}reopened", "0")) + 1
+            self.client.update_run(run_id, status="RUNNING")
+            self._set_tags(run_id, {**tags, f"{TAG}reopened": reopened})
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial_key}", tags={
+                **{k: _tag_value(v) for k, v in tags.items()}, PARENT_TAG: parent_run_id,
+                f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss,
+                f"{TAG}spec": _tag_value(json.dumps(spec.to_dict()))})
+            run_id = run.info.run_id
+        self._log_params(run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params)})
+        if not found:
+            self.log_files(run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2),
+                                    "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")})
+        return TrialRun(self.client, run_id, resumed=bool(found))
+
+    # ------------------------------------------------------------------ promoted models
+    def log_promoted(self, parent_run_id: str, trial_run_id: str, spec: MarginSpec, metrics: Mapping[str, float],
+                     model: nn.Module, input_size: int, name: str, params: Mapping[str, Any] | None = None) -> str:
+        """A finished run holding a promoted model (MLflow pt2, loads without marginsearch), linked to its trial run."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            PARENT_TAG: parent_run_id, f"{TAG}trial_run_id": trial_run_id, f"{TAG}kind": "promoted",
+            f"{TAG}named_loss": identify(spec) or "none", f"{TAG}spec": _tag_value(json.dumps(spec.to_dict()))})
+        with TrialRun(self.client, run.info.run_id) as promoted:
+            self._log_params(promoted.run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params or {}),
+                                               "input_size": str(input_size)})
+            promoted.log_epoch(0, metrics)
+            self.log_files(promoted.run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2)})
+            log_embedding_model(self.client, self.experiment_id, promoted.run_id, model, input_size,
+                                {"spec": spec.to_dict(), "trial_run_id": trial_run_id})
+        return run.info.run_id
+
+
+def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id: str, model: nn.Module,
+                        input_size: int, extra: Mapping[str, Any] | None = None, name: str = "model") -> str:
+    """Log images [B,3,H,W] in [−1,1] → embeddings [B,D] as an MLflow LoggedModel `name` of the run (torch.export pt2); its id.
+
+    The client-side equivalent of `mlflow.pytorch.log_model`, which reads the global tracking URI
+    and experiment: pt2 loads back as a GraphModule without marginsearch and without pickle, with
+    a dynamic batch dimension (the example batch is 2), an explicit signature and requirements.
+    """
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from .export import describe
+
+    model = copy.deepcopy(model).cpu().eval()
+    example = np.random.default_rng(0).uniform(-1.0, 1.0, (2, 3, input_size, input_size)).astype(np.float32)
+    meta = describe(model, input_size, extra)
+    dim = int(meta["output"]["shape"][1])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embeddings")]))
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="embedding")
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        card = Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id,
+                     artifact_path=logged.artifact_location)
+        mlflow.pytorch.save_model(model, path, signature=signature, input_example=example, mlflow_model=card,
+                                  pip_requirements=requirements, serialization_format="pt2",
+                                  metadata={"marginsearch": meta})
+        client.log_model_artifacts(logged.model_id, path)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
