@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import evaluate as ev
 
-__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "FARS"]
+__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS"]
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -97,6 +97,18 @@ def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray, device: to
     for far, tar in ev.tar_at_far(scores, issame, FARS).items():
         metrics[_far_key(far)] = float(tar)
     return metrics
+
+
+def judge_long_tail(model: nn.Module, probe: LabelledImages, train_counts: Tensor | np.ndarray,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Leave-one-out rank-1 on held-out images of the training identities, per head / middle / tail third of training frequency.
+
+    Keys: head_rank1, middle_rank1, tail_rank1 (the long-tail view of Range loss, KappaFace).
+    """
+    emb = embed(model, probe.images, size=_model_input_size(model), device=device)
+    counts = np.asarray(train_counts.cpu() if isinstance(train_counts, Tensor) else train_counts)
+    buckets = ev.accuracy_by_frequency(emb, probe.labels.cpu().numpy(), counts)
+    return {f"{bucket}_rank1": value for bucket, value in buckets.items()}
 
 
 def _far_key(far: float) -> str:

@@ -152,3 +152,29 @@ def test_hard_pairs_rank1_and_frequency_buckets():
     assert buckets["head"].tolist() == [0, 1] and buckets["tail"].tolist() == [4, 5]
     acc = ev.accuracy_by_frequency(emb, labels, counts)
     assert acc["middle"] == 1.0 and acc["tail"] == 0.5  # images 10 and 11 of identity 5 find no match
+
+
+def test_judge_long_tail_buckets_equal_a_hand_computed_leave_one_out():
+    import torch
+    from torch import nn
+
+    from trainers.judge import LabelledImages, judge_long_tail
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(15).repeat_interleave(2)
+    counts = np.arange(15, 0, -1)  # identity 0 most frequent
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 16))
+    torch.manual_seed(0)
+    out = judge_long_tail(model, LabelledImages(images, labels), counts)
+    # reference: flip-sum normalised embeddings, nearest other image, thirds by count
+    with torch.no_grad():
+        x = images.float() / 127.5 - 1
+        e = model(x) + model(x.flip(-1))
+        e = torch.nn.functional.normalize(e, dim=1).double().numpy()
+    sims = e @ e.T
+    np.fill_diagonal(sims, -np.inf)
+    correct = labels.numpy()[sims.argmax(1)] == labels.numpy()
+    for name, ids in (("head", range(0, 5)), ("middle", range(5, 10)), ("tail", range(10, 15))):
+        mask = np.isin(labels.numpy(), list(ids))
+        assert out[f"{name}_rank1"] == pytest.approx(correct[mask].mean())

@@ -79,3 +79,25 @@ def test_config_and_preset_errors():
     with pytest.raises(ValueError, match="label_noise"):
         syn.SyntheticConfig(label_noise=1.5)
     assert syn.PRESETS["tiny"].key() != syn.PRESETS["demo"].key()
+
+
+def test_probe_split_holds_out_images_of_every_training_identity_without_changing_the_others():
+    cfg = syn.PRESETS["tiny"]
+    with_probe = syn.generate(cfg)
+    without = syn.generate(dataclasses.replace(cfg, probe_images=0))
+    assert without.probe is None
+    assert torch.equal(with_probe.test.images, without.test.images)
+    assert torch.equal(with_probe.train.images, without.train.images)
+    probe = with_probe.probe
+    assert probe.num_classes == cfg.train_identities
+    assert torch.all(probe.counts() == cfg.probe_images)
+    # held out: no probe image is a copy of a training image
+    flat_train = with_probe.train.images.flatten(1).float()
+    flat_probe = probe.images.flatten(1).float()
+    assert torch.cdist(flat_probe, flat_train).min() > 1.0
+
+
+def test_probe_split_survives_the_cache(tmp_path):
+    a = syn.load_synthetic("tiny", cache_dir=tmp_path)
+    b = syn.load_synthetic("tiny", cache_dir=tmp_path)
+    assert torch.equal(a.probe.images, b.probe.images) and torch.equal(a.probe.labels, b.probe.labels)

@@ -55,6 +55,7 @@ class SyntheticConfig:
     hard_strength: float = 2.0     # nuisance multiplier of hard images
     anisotropy: float = 1.0        # 0: every identity varies alike; 1: per-identity nuisance profiles
     label_noise: float = 0.0       # fraction of training labels replaced by a random identity
+    probe_images: int = 2          # held-out images of each training identity (long-tail bucket accuracy)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class SyntheticConfig:
                 raise ValueError(f"synthetic: {name} must be ≥ 2, got {getattr(self, name)}")
         if not 1 <= self.min_images <= self.max_images:
             raise ValueError(f"synthetic: need 1 ≤ min_images ≤ max_images, got {self.min_images}, {self.max_images}")
+        if self.probe_images < 0:
+            raise ValueError(f"synthetic: probe_images must be ≥ 0, got {self.probe_images}")
         if self.eval_images < 2:
             raise ValueError(f"synthetic: eval_images must be ≥ 2, got {self.eval_images}")
         if not 8 <= self.image_size <= 256:
@@ -115,6 +118,7 @@ class SyntheticBenchmark:
     val: SyntheticSplit
     test: SyntheticSplit
     train_clean_labels: Tensor = field(repr=False, default=None)  # before label noise
+    probe: SyntheticSplit | None = None  # held-out images of the training identities (labels as in train)
 
 
 def default_cache_dir() -> Path:
@@ -289,7 +293,12 @@ def generate(cfg: SyntheticConfig) -> SyntheticBenchmark:
     clean = train.labels.clone()
     noisy = torch.rand(len(train), generator=g) < cfg.label_noise
     train.labels = torch.where(noisy, torch.randint(0, cfg.train_identities, (len(train),), generator=g), clean)
-    return SyntheticBenchmark(cfg, train, splits[1], splits[2], train_clean_labels=clean)
+    probe = None
+    if cfg.probe_images:  # rendered last, so the other splits do not depend on it
+        n_train = cfg.train_identities
+        probe = _render_split(latents[:n_train], profiles[:n_train],
+                              torch.full((n_train,), cfg.probe_images, dtype=torch.long), cfg, g)
+    return SyntheticBenchmark(cfg, train, splits[1], splits[2], train_clean_labels=clean, probe=probe)
 
 
 def load_synthetic(preset_or_config: str | SyntheticConfig = "demo", cache_dir: str | os.PathLike | None = None,
@@ -321,8 +330,10 @@ def load_synthetic(preset_or_config: str | SyntheticConfig = "demo", cache_dir: 
 
 def _to_blob(b: SyntheticBenchmark) -> dict:
     blob = {"config": json.dumps(dataclasses.asdict(b.config)), "train_clean_labels": b.train_clean_labels}
-    for name in ("train", "val", "test"):
+    for name in ("train", "val", "test", "probe"):
         s = getattr(b, name)
+        if s is None:
+            continue
         blob[name] = {"images": s.images, "labels": s.labels, "hard": s.hard, "num_classes": s.num_classes}
     return blob
 
@@ -330,5 +341,5 @@ def _to_blob(b: SyntheticBenchmark) -> dict:
 def _from_blob(cfg: SyntheticConfig, blob: dict) -> SyntheticBenchmark:
     if json.loads(blob["config"]) != dataclasses.asdict(cfg):
         raise ValueError("cache entry does not match its key")
-    splits = {n: SyntheticSplit(**blob[n]) for n in ("train", "val", "test")}
+    splits = {n: SyntheticSplit(**blob[n]) for n in ("train", "val", "test", "probe") if n in blob}
     return SyntheticBenchmark(cfg, **splits, train_clean_labels=blob["train_clean_labels"])

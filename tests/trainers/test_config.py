@@ -1,0 +1,61 @@
+"""Campaign config: TOML round trip, defaults, overrides, one-line errors naming the key."""
+from __future__ import annotations
+
+import pytest
+
+from trainers.config import CampaignConfig, ConfigError, config_to_toml, load_config, override
+
+
+def test_no_file_is_the_demo_campaign_and_round_trips_through_toml(tmp_path):
+    config = load_config()
+    assert config == CampaignConfig()
+    assert config.data.train == "synthetic:demo" and config.search.backend == "optuna"
+    assert config.model_name == "marginsearch-demo" and config.experiment == "marginsearch-demo"
+    path = tmp_path / "c.toml"
+    path.write_text(config_to_toml(config))
+    assert load_config(path) == config
+
+
+def test_file_fields_and_overrides_apply(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[campaign]\nname = "lfw-run"\n[search]\ntrials = 3\nbaselines = ["arcface"]\n'
+                    '[budget.full]\nepochs = 2\nmilestones = [0.5]\n')
+    config = load_config(path)
+    assert config.campaign.name == "lfw-run" and config.search.trials == 3
+    assert config.search.baselines == ("arcface",)
+    assert config.budget["full"].epochs == 2 and config.budget["full"].milestones == (0.5,)
+    assert config.budget["proxy"].identities == 300  # untouched budget keeps the embedded default
+    changed = override(config, {"search.backend": "ray", "budget.proxy.epochs": 1, "search.cpus_per_trial": 2})
+    assert changed.search.backend == "ray" and changed.budget["proxy"].epochs == 1
+    assert changed.search.cpus_per_trial == 2.0 and isinstance(changed.search.cpus_per_trial, float)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[serch]\ntrials = 3\n", "unknown section(s) serch"),
+    ("[search]\ntrails = 3\n", "unknown key(s) trails"),
+    ("[search]\ntrials = 'many'\n", "search.trials: expected int"),
+    ("[search]\nbackend = 'dask'\n", "search.backend must be 'optuna' or 'ray'"),
+    ("[search]\nbaselines = ['arcfcae']\n", "unknown named loss(es) arcfcae"),
+    ("[search]\nbaselines = 'arcface'\n", "search.baselines: expected a list of strings"),
+    ("[promote]\nbaseline = 1\n", "promote.baseline: expected bool"),
+    ("[budget.full]\nepoch = 3\n", "unknown field(s) ['epoch']"),
+    ("[budget.full]\nepochs = 0\n", "epochs must be ≥ 1"),
+    ("[budget.huge]\nepochs = 3\n", "unknown budget(s) huge"),
+    ("[campaign]\nname = 'a b'\n", "campaign.name may hold"),
+    ("search = 3\n", "[search] must be a table"),
+    ("[search\n", "not valid TOML"),
+])
+def test_bad_config_gives_one_line_naming_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/campaign.toml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        override(CampaignConfig(), {"trials": 3})
