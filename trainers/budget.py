@@ -17,7 +17,7 @@ class Budget:
     backbone: str = "tiny"
     embedding_size: int = 128
     image_size: int | None = None        # None: the data's own size
-    identities: int | None = None        # train on the first N identities only (proxy); None: all
+    identities: int | None = None        # train on the first N identities only (proxy); None or 0: all
     optimizer: str = "sgd"               # "sgd" (momentum) or "adamw"
     lr: float = 0.1
     head_lr: float | None = None         # class centres' learning rate; None: lr
@@ -43,7 +43,7 @@ class Budget:
             (self.schedule in ("cosine", "step"), f"schedule must be 'cosine' or 'step', got {self.schedule!r}"),
             (self.amp in ("bf16", "fp16", "off"), f"amp must be 'bf16', 'fp16' or 'off', got {self.amp!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.identities is None or self.identities >= 2, f"identities must be ≥ 2, got {self.identities}"),
+            (self.identities in (None, 0) or self.identities >= 2, f"identities must be 0 (all) or ≥ 2, got {self.identities}"),
             (self.image_size is None or 8 <= self.image_size <= 512, f"image_size must be in [8, 512], got {self.image_size}"),
         ]
         for ok, message in checks:

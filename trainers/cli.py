@@ -4,6 +4,13 @@
     marginsearch train --loss NAME [--set key=value ...] [--data SOURCE] [--budget proxy|full] [--out DIR]
     marginsearch evaluate --model PATH --data SOURCE [--split test]
     marginsearch export --model PATH --format torchscript|onnx --out FILE
+    marginsearch campaign [--config FILE] [--set section.key=value ...] [--tracking-uri URI] [--resume | --new]
+    marginsearch search   [same options]        the search phase only (proxy trials in MLflow)
+    marginsearch promote  [same options]        promote and register from the newest campaign's search
+    marginsearch ui [--tracking-uri URI]        how to open the MLflow UI on the store
+
+With no arguments `marginsearch campaign` runs the demo campaign on the embedded defaults
+(synthetic demo data, MLflow and Optuna SQLite stores in the working directory).
 
 SOURCE is synthetic:<preset>, imagefolder:<dir>, recordio:<file.rec>, bin:<file.bin> or
 pairs:<pairs.txt>@<image root>. Run `train` under `torchrun --nproc-per-node N` for DDP.
@@ -20,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 __all__ = ["main", "parse_assignments", "COMMANDS"]
 
@@ -133,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .judge import judge, judge_pairs
     from .sources import PairSet, evaluation_data
 
-    model, _ = _load_any_model(args.model, load_model)
+    model, _ = _load_any_model(args.model, load_model, args.tracking_uri)
     data = evaluation_data(args.data, split=args.split)
     if isinstance(data, PairSet):
         metrics = judge_pairs(model, data.images, data.issame)
@@ -143,14 +151,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_any_model(uri: str, load_model: Callable):
+def _load_any_model(uri: str, load_model: Callable, tracking_uri: str | None = None):
     if uri.startswith("models:/") or uri.startswith("runs:/"):
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.exceptions import MlflowException
+
+        from .tracking import check_tracking_uri, resolve_tracking_uri
+
+        store = resolve_tracking_uri(tracking_uri, Path.cwd())
+        check_tracking_uri(store)
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
         try:
-            import mlflow.pytorch
-        except ImportError:
-            raise UsageError("loading a models:/ URI needs mlflow installed") from None
-        return mlflow.pytorch.load_model(uri).eval(), {}
+            return mlflow.pytorch.load_model(uri), {}
+        except MlflowException as exc:
+            raise UsageError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
     return load_model(uri)
+
+
+def _campaign_config(args: argparse.Namespace):
+    from .config import load_config, override
+
+    config = load_config(args.config)
+    assignments = parse_assignments(args.set, "--set")
+    if args.tracking_uri:
+        assignments["tracking.uri"] = args.tracking_uri
+    return override(config, assignments) if assignments else config
+
+
+def _run_phases(args: argparse.Namespace, phases: tuple[str, ...]) -> int:
+    from .campaign import run_campaign
+
+    config = _campaign_config(args)
+    if args.resume and args.new:
+        raise UsageError("--resume and --new exclude each other")
+    result = run_campaign(config, new=args.new, phases=phases, log=lambda line: print(line, flush=True))
+    if "promote" in phases:
+        print("\n" + result.summary())
+    else:
+        print("\n" + result.search.to_markdown())
+        print(f"\nnext: marginsearch promote{' --config ' + args.config if args.config else ''}")
+    return 0
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    return _run_phases(args, ("search", "promote"))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    return _run_phases(args, ("search",))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    return _run_phases(args, ("promote",))
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .campaign import ui_command
+    from .tracking import resolve_tracking_uri
+
+    config = _campaign_config(args)
+    print(ui_command(resolve_tracking_uri(config.tracking.uri or None, config.workdir)))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -163,8 +226,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def _campaign_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", metavar="FILE.toml", help="campaign config (default: the demo campaign)")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field")
+    s.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking server or store (overrides [tracking] uri)")
+    s.add_argument("--resume", action="store_true", help="continue the newest unfinished campaign (the default)")
+    s.add_argument("--new", action="store_true", help="start a new campaign even if the last one did not finish")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="marginsearch", description=__doc__.splitlines()[0],
+    p = _Parser(prog="marginsearch", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -191,16 +269,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
     s.add_argument("--split", default="test", help="val or test (synthetic sources)")
     s.add_argument("--pairs", type=int, default=3000, help="positive and negative pairs for 10-fold accuracy")
+    s.add_argument("--tracking-uri", metavar="URI", help="MLflow store of a models:/ URI (default: ./mlflow.db)")
 
     s = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
     s.add_argument("--model", required=True, metavar="PATH")
     s.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
     s.add_argument("--out", required=True, metavar="FILE")
+
+    for name, text in (("campaign", "search, then promote the best to full training and register the champion"),
+                       ("search", "the search phase of a campaign"),
+                       ("promote", "promote and register from the newest campaign's search")):
+        _campaign_options(sub.add_parser(name, help=text))
+    s = sub.add_parser("ui", help="print the command that opens the MLflow UI on the campaign's store")
+    s.add_argument("--config", metavar="FILE.toml")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    s.add_argument("--tracking-uri", metavar="URI")
     return p
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "losses": cmd_losses, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+    "campaign": cmd_campaign, "search": cmd_search, "promote": cmd_promote, "ui": cmd_ui,
 }
 
 

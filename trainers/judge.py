@@ -31,7 +31,7 @@ def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size:
     from .train import to_float_images
 
     was_training = model.training
-    model.eval()
+    _set_training(model, False)
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = to_float_images(images[start:start + batch_size], size).to(device)
@@ -40,8 +40,16 @@ def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size:
         if flip:
             e = e + model(x.flip(-1)).float()
         out.append(torch.nn.functional.normalize(e, dim=1).cpu())
-    model.train(was_training)
+    _set_training(model, was_training)
     return torch.cat(out).double().numpy()
+
+
+def _set_training(model: nn.Module, mode: bool) -> None:
+    """model.train(mode), except for torch.export programs (MLflow pt2 models): exported in eval mode, they refuse it."""
+    try:
+        model.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int = 0,

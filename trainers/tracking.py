@@ -253,6 +253,10 @@ class CampaignTracker:
         return found.experiment_id
 
     # ------------------------------------------------------------------ helpers
+    def runs(self, filters: Mapping[str, str]) -> list[Any]:
+        """All active runs of the experiment whose tags/attributes equal `filters` (keys such as tags.`name`), newest first."""
+        return self._search(filters)
+
     def _search(self, filters: Mapping[str, str]) -> list[Any]:
         """All active runs of the experiment whose tags/attributes equal `filters`, newest first."""
         clauses = " and ".join(f"{key} = {_literal(value)}" for key, value in filters.items())
@@ -274,6 +278,10 @@ class CampaignTracker:
             self.client.log_batch(run_id, params=fresh[i:i + MAX_PARAMS_TAGS_PER_BATCH])
         if changed:
             self.client.set_tag(run_id, f"{TAG}changed_params", _tag_value(", ".join(changed)))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set tags on any run in one batch."""
+        self._set_tags(run_id, tags)
 
     def _set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, _tag_value(v)) for k, v in tags.items()]
@@ -364,9 +372,11 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ promoted models
     def log_promoted(self, parent_run_id: str, trial_run_id: str, spec: MarginSpec, metrics: Mapping[str, float],
-                     model: nn.Module, input_size: int, name: str, params: Mapping[str, Any] | None = None) -> str:
+                     model: nn.Module, input_size: int, name: str, params: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, Any] | None = None) -> str:
         """A finished run holding a promoted model (MLflow pt2, loads without marginsearch), linked to its trial run."""
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **{k: _tag_value(v) for k, v in (tags or {}).items()},
             PARENT_TAG: parent_run_id, f"{TAG}trial_run_id": trial_run_id, f"{TAG}kind": "promoted",
             f"{TAG}named_loss": identify(spec) or "none", f"{TAG}spec": _tag_value(json.dumps(spec.to_dict()))})
         with TrialRun(self.client, run.info.run_id) as promoted:

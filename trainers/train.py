@@ -35,7 +35,7 @@ class TrainData:
 
     def subset(self, identities: int | None) -> "TrainData":
         """Only the first `identities` identities (a proxy's identity budget), relabelled densely."""
-        if identities is None or identities >= self.num_classes:
+        if not identities or identities >= self.num_classes:
             return self
         keep = self.labels < identities
         hard = self.hard[keep] if self.hard is not None else None

@@ -1,0 +1,387 @@
+"""A campaign: search the loss space on a proxy budget, promote the best to full training, register the champion.
+
+Everything is recorded in MLflow (one experiment per campaign name): a parent run per campaign
+with its config and search pictures, one nested run per trial (spec, named loss, reward history,
+target-logit curve), one run per promoted model linked to its trial run, and a version of the
+registered model per promoted model, the `champion` alias moving only through the gate.
+
+A campaign has a key `<name>-<n>` (its Optuna study name, the tag of its runs). Running the same
+config again resumes the newest campaign of that name if it did not finish, else starts the next
+one; `new=True` always starts the next one. Resuming tops the study up to its trial count,
+reopens the MLflow runs of trials that were cut off, skips promoted models already logged, and
+continues a full training from its checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported: this machine may be offline
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from losses import MarginSpec, identify
+from searchspace import load as load_space
+from searchspace.results import SearchResult, TrialFailed, TrialRow
+
+from .budget import Budget, budget_dict
+from .config import CampaignConfig, config_to_toml
+from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
+from .objective import data_for
+from .sources import PairSet, evaluation_data, parse_source
+from .tracking import TAG, CampaignTracker, check_tracking_uri, resolve_tracking_uri
+from .train import train
+
+__all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
+
+PHASES = ("search", "promote", "done")
+
+
+def spec_key(spec: MarginSpec) -> str:
+    """A short stable hash of a spec: the identity of a trial's MLflow run within a campaign."""
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def storage_url(config: CampaignConfig) -> str:
+    """The Optuna storage: the configured one, or sqlite:///<workdir>/optuna.db."""
+    return config.search.storage or f"sqlite:///{config.workdir / 'optuna.db'}"
+
+
+def _epoch_metrics(report: Any) -> dict[str, float]:
+    return {"reward": report.reward, "train_loss": report.train_loss, "images_per_second": report.images_per_second,
+            **{f"val/{k}": v for k, v in report.metrics.items()}}
+
+
+class TrackedObjective:
+    """objective(spec, report) for `searchspace.run_search` that records each trial as a nested MLflow run.
+
+    Picklable (Ray ships it to workers): it holds strings, a budget and a tracker that pickles as
+    its URI. The run is keyed by campaign and spec, so a retried trial reopens its run.
+    """
+
+    def __init__(self, data_source: str, budget: Budget, tracker: CampaignTracker, parent_run_id: str,
+                 campaign_key: str, cache_dir: str | None = None) -> None:
+        self.data_source, self.budget, self.tracker = data_source, budget, tracker
+        self.parent_run_id, self.campaign_key, self.cache_dir = parent_run_id, campaign_key, cache_dir
+
+    def __call__(self, spec: MarginSpec, report: Callable[[int, float], None]) -> float:
+        """Train `spec` on the proxy budget, logging every epoch; TrialFailed if it diverges."""
+        data = data_for(self.data_source, self.cache_dir)
+        key = f"{self.campaign_key}/{spec_key(spec)}"
+        params = {"budget": budget_dict(self.budget), "data": self.data_source}
+        trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, {f"{TAG}campaign_key": self.campaign_key})
+        with trial:
+            def on_epoch(epoch_report: Any) -> None:
+                trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
+                if epoch_report.epoch >= self.budget.epochs:
+                    trial.exit_state = "complete"  # Ray Tune ends a finished trial with SystemExit too
+                report(epoch_report.epoch, epoch_report.reward)
+
+            result = train(spec, data, self.budget, on_epoch=on_epoch)
+            if result.status == "diverged":
+                trial.finish("failed", f"diverged: {result.reason}")
+                raise TrialFailed(f"diverged: {result.reason}")
+            if not math.isfinite(result.reward):
+                trial.finish("failed", f"reward is {result.reward}")
+                raise TrialFailed(f"reward {self.budget.reward_metric} is {result.reward}")
+            trial.finish("complete", reward=result.reward)
+            return result.reward
+
+
+@dataclass
+class Promoted:
+    """A candidate trained on the full budget: its spec, test metrics, runs and registry decision."""
+
+    spec: MarginSpec
+    named: str | None
+    proxy_reward: float | None
+    metrics: dict[str, float]
+    run_id: str
+    trial_run_id: str
+    version: str | None = None
+    became_champion: bool = False
+    gate_reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.named or f"searched {spec_key(self.spec)[:6]}"
+
+
+@dataclass
+class CampaignResult:
+    """What a campaign produced, and where to look at it."""
+
+    key: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+    model_name: str
+    search: SearchResult
+    promoted: list[Promoted] = field(default_factory=list)
+    champion_version: str | None = None
+    champion_label: str | None = None
+    gate_metric: str = ""
+
+    def summary(self) -> str:
+        """Markdown: promoted models against the named baselines on the test metric, the champion, the UI command."""
+        metric = self.gate_metric
+        lines = [f"campaign {self.key}: {len(self.search.rows)} trials, {len(self.promoted)} promoted", "",
+                 f"| model | named loss | proxy reward | test {metric.removeprefix('test/')} | 10-fold accuracy | "
+                 f"registry | gate |", "|---|---|---|---|---|---|---|"]
+        for p in sorted(self.promoted, key=lambda p: -p.metrics.get(metric, -math.inf)):
+            reward = "" if p.proxy_reward is None else f"{p.proxy_reward:.4f}"
+            lines.append(f"| {p.label} | {p.named or '—'} | {reward} | {p.metrics.get(metric, math.nan):.4f} | "
+                         f"{p.metrics.get('test/accuracy', math.nan):.4f} | v{p.version} | {p.gate_reason} |")
+        lines += ["", f"champion: {self.model_name} v{self.champion_version} ({self.champion_label})"
+                      if self.champion_version else "champion: none yet",
+                  f"load it:  mlflow.pytorch.load_model('models:/{self.model_name}@champion')",
+                  f"look:     {ui_command(self.tracking_uri)}"]
+        return "\n".join(lines)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this campaign's store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000   (then open http://127.0.0.1:5000)"
+
+
+# ---------------------------------------------------------------------------- campaign identity
+def _campaign_runs(tracker: CampaignTracker, name: str) -> list[Any]:
+    return tracker.runs({f"tags.`{TAG}kind`": "search", f"tags.`{TAG}campaign`": name})
+
+
+def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, log: Callable[[str], None]) -> tuple[str, str, str]:
+    """(campaign key, parent run id, phase): the newest unfinished campaign of this name, or the next one."""
+    name = config.campaign.name
+    runs = _campaign_runs(tracker, name)
+    latest = runs[0] if runs else None
+    if latest is not None and not new and latest.data.tags.get(f"{TAG}phase") != "done":
+        key = latest.data.tags[f"{TAG}campaign_key"]
+        log(f"resuming campaign {key} (phase {latest.data.tags.get(f'{TAG}phase', 'search')})")
+    else:
+        numbers = [int(r.data.tags.get(f"{TAG}campaign_key", "-0").rsplit("-", 1)[-1] or 0) for r in runs]
+        key = f"{name}-{max(numbers, default=0) + 1}"
+        log(f"starting campaign {key}")
+    artifacts = {"campaign.toml": config_to_toml(config), "space.toml": _space_text(config.search.space)}
+    parent = tracker.start_search(key, config.to_dict(), {f"{TAG}campaign": name, f"{TAG}data": config.data.train},
+                                  artifacts, resume_key=key)
+    phase = tracker.client.get_run(parent).data.tags.get(f"{TAG}phase", "search")
+    return key, parent, phase
+
+
+def _space_text(space: str) -> str:
+    """The space file's text, logged with the campaign."""
+    source = Path(load_space(space).source)
+    return source.read_text() if source.is_file() else f"# space {space}\n"
+
+
+# ---------------------------------------------------------------------------- search
+def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str,
+            log: Callable[[str], None]) -> SearchResult:
+    from searchspace.search import run_search
+
+    s = config.search
+    objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key)
+    log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
+        f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
+    return run_search(s.space, objective, backend=s.backend, sampler=s.sampler, n_trials=s.trials + len(s.baselines),
+                      seed=config.campaign.seed, pruner=s.pruner, storage=storage_url(config), study_name=key,
+                      baselines=list(s.baselines), resume=True, population=s.population,
+                      ray_address=s.ray_address or None,
+                      resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
+                      ray_dir=str(config.workdir / "ray_results"),
+                      callbacks=[lambda row: log(_row_line(row))])
+
+
+def _row_line(row: TrialRow) -> str:
+    what = row.baseline or row.named or "sampled"
+    reward = "" if row.reward is None else f"reward {row.reward:.4f}"
+    return f"  trial {row.number:>3} {what:<14} {row.state:<8} {reward} {row.reason}".rstrip()
+
+
+def _search_figures(result: SearchResult, config: CampaignConfig) -> dict[str, Any]:
+    from . import figures
+
+    out = {"search_history": figures.search_history(result.rows, f"search {result.study_name}")}
+    if result.study is not None:
+        out["parameter_importance"] = figures.parameter_importance(result.study)
+        sampler = result.study.sampler
+        if hasattr(sampler, "trajectory"):
+            out["policy_trajectory"] = figures.policy_trajectory(sampler.trajectory(result.study))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------- promotion
+def _candidates(rows: list[TrialRow], top_k: int, with_baseline: bool) -> list[TrialRow]:
+    """The top-k distinct complete specs by reward, plus the best named baseline if it is not among them."""
+    done = sorted((r for r in rows if r.state == "COMPLETE" and r.spec is not None and r.reward is not None),
+                  key=lambda r: -r.reward)
+    picked, seen = [], set()
+    for row in done:
+        key = json.dumps(row.spec, sort_keys=True)
+        if key not in seen and len(picked) < top_k:
+            picked.append(row)
+            seen.add(key)
+    baselines = [r for r in done if r.baseline or r.named]
+    if with_baseline and baselines and json.dumps(baselines[0].spec, sort_keys=True) not in seen:
+        picked.append(baselines[0])
+    return picked
+
+
+def _evaluate(config: CampaignConfig, model: Any, seed: int) -> dict[str, float]:
+    """Test metrics (prefix test/), long-tail buckets on a synthetic source, and each verification set (prefix <name>/)."""
+    metrics: dict[str, float] = {}
+    test_source = config.data.test or config.data.train
+    kind, rest = parse_source(test_source)
+    if not config.data.test and kind != "synthetic":
+        return metrics  # a real training source names its test set in [data] test
+    test = evaluation_data(test_source, split="test")
+    if isinstance(test, PairSet):
+        metrics.update({f"test/{k}": v for k, v in judge_pairs(model, test.images, test.issame).items()})
+    else:
+        metrics.update({f"test/{k}": v for k, v in judge(model, test, pairs=3000, seed=seed).items()})
+    if kind == "synthetic":
+        from .data.synthetic import load_synthetic
+
+        bench = load_synthetic(rest)
+        if bench.probe is not None:
+            probe = LabelledImages(bench.probe.images, bench.probe.labels, None, "probe")
+            metrics.update({f"test/{k}": v for k, v in judge_long_tail(model, probe, bench.train.counts()).items()})
+    for source in config.data.verification:
+        pairs = evaluation_data(source)
+        if not isinstance(pairs, PairSet):
+            raise ValueError(f"data.verification: {source} is not a pair list (use bin:... or pairs:...@root)")
+        metrics.update({f"{pairs.name}/{k}": v for k, v in judge_pairs(model, pairs.images, pairs.issame).items()})
+    return metrics
+
+
+def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str, row: TrialRow,
+                 log: Callable[[str], None]) -> Promoted:
+    spec = MarginSpec.from_dict(row.spec)
+    skey = spec_key(spec)
+    promoted_key = f"{key}/promoted/{skey}"
+    trial_run_id = tracker.find_run({f"{TAG}trial_key": f"{key}/{skey}"}) or ""
+    named = row.baseline or identify(spec)
+    done = tracker.runs({f"tags.`{TAG}promoted_key`": promoted_key, "attributes.status": "FINISHED"})
+    if done:
+        log(f"promote: {named or skey} already trained and logged (run {done[0].info.run_id[:8]})")
+        metrics = dict(done[0].data.metrics)
+        return Promoted(spec, named, row.reward, _native_metrics(metrics), done[0].info.run_id, trial_run_id)
+    budget = config.budget["full"]
+    log(f"promote: training {named or 'searched spec ' + skey} on the full budget ({budget.epochs} epochs)")
+    data = data_for(config.data.train)
+    checkpoint = config.workdir / "checkpoints" / key / f"{skey}.pt"
+    result = train(spec, data, budget, checkpoint=checkpoint, progress=True)
+    if result.status == "diverged":
+        raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
+    metrics = _evaluate(config, result.model, budget.seed)
+    metrics["full/val_reward"] = result.reward
+    size = budget.image_size or int(data.images.shape[-1])
+    run_id = tracker.log_promoted(parent, trial_run_id, spec, metrics, result.model, size,
+                                  name=f"promoted {named or skey}",
+                                  params={"budget": budget_dict(budget), "data": config.data.train},
+                                  tags={f"{TAG}promoted_key": promoted_key, f"{TAG}campaign_key": key})
+    return Promoted(spec, named, row.reward, metrics, run_id, trial_run_id)
+
+
+def _native_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """MLflow metric names back to the evaluator's ('test/tar_at_far_1e-3' → 'test/tar@far=1e-3')."""
+    out = {}
+    for k, v in logged.items():
+        head, _, tail = k.rpartition("/")
+        tail = tail.replace("_at_far_", "@far=") if "_at_far_" in tail else tail
+        out[f"{head}/{tail}" if head else tail] = v
+    return out
+
+
+def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[Promoted], metric: str,
+              log: Callable[[str], None]) -> None:
+    from .registry import register_and_gate, set_challenger
+
+    for p in sorted(promoted, key=lambda p: p.metrics.get(metric, -math.inf)):  # best last: it meets the gate last
+        gate = register_and_gate(tracker.client, config.model_name, p.run_id, metric,
+                                 p.metrics.get(metric, math.nan))
+        p.version, p.became_champion, p.gate_reason = gate.version, gate.became_champion, gate.reason
+        log(f"registry: {config.model_name} v{gate.version} ({p.label}): {gate.reason}")
+    losers = [p for p in promoted if p.version and not _is_champion(tracker, config.model_name, p.version)]
+    if losers:
+        runner_up = max(losers, key=lambda p: p.metrics.get(metric, -math.inf))
+        set_challenger(tracker.client, config.model_name, runner_up.version)
+
+
+def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> bool:
+    from .registry import champion
+
+    current = champion(tracker.client, model_name)
+    return current is not None and str(current.version) == str(version)
+
+
+# ---------------------------------------------------------------------------- the whole campaign
+def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str, ...] = ("search", "promote"),
+                 log: Callable[[str], None] = print) -> CampaignResult:
+    """Search, then promote and register, recording everything in MLflow; resumable after a kill at any point."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `log`; failures keep their reason
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(config.tracking.uri or None, config.workdir)
+    check_tracking_uri(uri)
+    load_space(config.search.space)           # fail fast on a bad space before any store is touched
+    parse_source(config.data.train)
+    tracker = CampaignTracker(uri, config.experiment)
+    key, parent, phase = _open_campaign(config, tracker, new, log)
+    closed = tracker.close_abandoned(parent, "its process stopped before ending the run (campaign resumed)")
+    if closed:
+        log(f"marked {len(closed)} run(s) left RUNNING by a stopped process as KILLED")
+    result = _search(config, tracker, key, parent, log) if "search" in phases else None
+    if result is None:
+        result = _read_search(config, key)
+    figures = _search_figures(result, config)
+    tracker.log_files(parent, {"search_results.md": result.to_markdown()})
+    tracker.set_tags(parent, {f"{TAG}phase": "promote"})
+    metric = f"test/{config.promote.metric}"
+    campaign = CampaignResult(key, parent, uri, config.experiment, config.model_name, result, gate_metric=metric)
+    if "promote" in phases:
+        rows = _candidates(result.rows, config.promote.top_k, config.promote.baseline)
+        campaign.promoted = [_promote_one(config, tracker, key, parent, row, log) for row in rows]
+        _register(config, tracker, campaign.promoted, metric, log)
+        from .registry import champion
+
+        current = champion(tracker.client, config.model_name)
+        if current is not None:
+            campaign.champion_version = str(current.version)
+            campaign.champion_label = current.tags.get(f"{TAG}named_loss", "searched")
+        tracker.set_tags(parent, {f"{TAG}phase": "done"})
+        best = max((p.metrics.get(metric, -math.inf) for p in campaign.promoted), default=-math.inf)
+        tracker.end_search(parent, campaign.summary(), figures,
+                           {"best_proxy_reward": (result.best.reward if result.best else math.nan),
+                            "best_promoted_" + metric: best})
+    else:
+        tracker.log_files(parent, {f"figures/{k}.png": v for k, v in _pngs(figures).items()})
+    return campaign
+
+
+def _pngs(figures: dict[str, Any]) -> dict[str, bytes]:
+    from .tracking import _png
+
+    return {k: _png(v) for k, v in figures.items()}
+
+
+def _read_search(config: CampaignConfig, key: str) -> SearchResult:
+    import optuna
+
+    from searchspace.results import rows_of
+
+    space = load_space(config.search.space)
+    try:
+        study = optuna.load_study(study_name=key, storage=storage_url(config))
+    except KeyError:
+        raise ValueError(f"campaign {key} has no search in {storage_url(config)}; run `marginsearch search` first") from None
+    return SearchResult(rows_of(study, space), config.search.backend, key, storage_url(config), study)
+

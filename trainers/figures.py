@@ -1,0 +1,87 @@
+"""Pictures of a search: reward history, parameter importance, the reward-guided policy's mean over rounds.
+
+Each function returns a matplotlib Figure (Agg backend, imported lazily) or None when there is
+nothing to draw; `trainers.tracking` logs them as PNG artifacts of the campaign's parent run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+__all__ = ["search_history", "parameter_importance", "policy_trajectory"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
+    """Reward of each finished trial (baselines marked) and the best so far, against trial number."""
+    scored = [r for r in rows if r.reward is not None and math.isfinite(r.reward)]
+    if not scored:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sampled = [r for r in scored if not r.baseline]
+    named = [r for r in scored if r.baseline]
+    ax.scatter([r.number for r in sampled], [r.reward for r in sampled], s=18, label="sampled trial")
+    ax.scatter([r.number for r in named], [r.reward for r in named], s=36, marker="D", label="named baseline")
+    for r in named:
+        ax.annotate(r.baseline, (r.number, r.reward), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    best, xs, ys = -math.inf, [], []
+    for r in sorted(scored, key=lambda r: r.number):
+        best = max(best, r.reward)
+        xs.append(r.number)
+        ys.append(best)
+    ax.step(xs, ys, where="post", color="black", linewidth=1, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation reward")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def parameter_importance(study: Any) -> Any:
+    """Optuna's parameter importances (its default evaluator) as a bar chart; None if Optuna cannot compute them."""
+    import optuna
+
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, ZeroDivisionError):  # too few complete trials or a single value
+        return None
+    if not importances:
+        return None
+    plt = _pyplot()
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set_xlabel("importance")
+    ax.set_title("parameter importance")
+    fig.tight_layout()
+    return fig
+
+
+def policy_trajectory(snapshots: Sequence[Mapping[str, Any]]) -> Any:
+    """The reward-guided policy's mean μ of each numeric parameter (normalised to [0, 1] of its range) per round."""
+    if len(snapshots) < 2 or not snapshots[-1].get("mu_unit"):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    names = sorted(snapshots[-1]["mu_unit"])
+    for name in names:
+        points = [(i, s["mu_unit"][name]) for i, s in enumerate(snapshots) if name in s.get("mu_unit", {})]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                label=f"{name} (→ {snapshots[-1]['mu'][name]:.3g})")
+    ax.set_xlabel("policy round")
+    ax.set_ylabel("μ (0 = low end of range, 1 = high end)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("reward-guided policy mean")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
