@@ -21,9 +21,11 @@ venv: $(VENV)/.installed
 test: venv
 	MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
 
-# The demo campaign lands with the campaign issue; until then `demo` shows the loss library.
+# The main job: the demo campaign on the embedded defaults (synthetic demo data, MLflow and Optuna
+# SQLite stores in out/demo). Running it again resumes an unfinished campaign or adds the next one.
 demo: venv
-	MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m losses --plot out/target_logits.png
+	mkdir -p out/demo
+	cd out/demo && MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 ../../$(BIN)/marginsearch campaign
 
 losses: venv
 	$(BIN)/python -m losses
