@@ -5,19 +5,30 @@ functions of `losses.transforms`. One call of `forward` (or `logits`) in trainin
 step: stateful points (SphereFace's λ, CurricularFace's t, KappaFace's class statistics,
 AdaFace's norm statistics) update their buffers then, before use, as their papers do.
 
-Randomness (ElasticFace, Random-Softmax) draws from torch's default generator in a fixed order:
-per-sample margins `torch.randn(B)` first, then the modulating factor `torch.randn(())`, both in
+Randomness (ElasticFace, Random-Softmax, Partial FC) draws from torch's default generator in a
+fixed order: the Partial FC class sample `torch.rand(C)` (training `forward` with sample_rate < 1)
+first, then per-sample margins `torch.randn(B)`, then the modulating factor `torch.randn(())`,
 float32 on the embeddings' device. In eval mode draws are replaced by their means.
+
+Speed and scale: `forward` never builds normalised centres or a one-hot; it computes the
+log-sum-exp of the negative logits in one `torch.autograd.Function` (`losses.chunked`) with the
+target transform under autograd outside it. `class_chunk=N` bounds the live logits to [B, N]
+(values and gradients equal to the full head up to rounding); `sample_rate=r` trains each step on
+the batch's classes plus uniformly sampled others, ceil(r·C) in all (Partial FC, `losses.partial_fc`;
+eval uses every class). `logits()` always materialises all C classes, whatever the two options.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import transforms as T
+from .chunked import inverse_norms, negative_logsumexp, target_cosines
+from .partial_fc import check_sample_rate, sample_classes
 from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
                    ProbabilityModulation, RandomModulation, SphereFacePsi)
 
@@ -29,14 +40,22 @@ class MarginSoftmax(nn.Module):
 
     `weight` [num_classes, embedding_size] holds the class centres. Cosines and the
     cross-entropy are computed in float32 (float64 if the inputs are float64), autocast or not.
+    `class_chunk`: classes per step of the loss (None: all at once); `sample_rate`: Partial FC
+    fraction of classes per training step (1: all). Both change memory and speed, not the loss.
     """
 
-    def __init__(self, spec: MarginSpec, embedding_size: int, num_classes: int) -> None:
+    def __init__(self, spec: MarginSpec, embedding_size: int, num_classes: int, *,
+                 class_chunk: int | None = None, sample_rate: float = 1.0) -> None:
         super().__init__()
         if not isinstance(spec, MarginSpec):
             raise TypeError(f"spec must be a MarginSpec, got {type(spec).__name__}")
         if embedding_size < 1 or num_classes < 2:
             raise ValueError(f"need embedding_size ≥ 1 and num_classes ≥ 2, got {embedding_size}, {num_classes}")
+        if class_chunk is not None and (isinstance(class_chunk, bool) or not isinstance(class_chunk, int)
+                                        or class_chunk < 1):
+            raise ValueError(f"class_chunk must be a positive integer or None, got {class_chunk!r}")
+        self.class_chunk = class_chunk
+        self.sample_rate = check_sample_rate(sample_rate)
         self.spec = spec
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -64,17 +83,47 @@ class MarginSoftmax(nn.Module):
             self.register_buffer("norm_std", torch.tensor(100.0))
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, spec={self.spec}"
+        options = "".join([f", class_chunk={self.class_chunk}" if self.class_chunk is not None else "",
+                           f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""])
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}{options}, spec={self.spec}"
 
     # ------------------------------------------------------------------ public API
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the batch from un-normalised embeddings [B, D] and labels [B]."""
-        z, extra = self._scaled_logits(embeddings, labels)
-        return F.cross_entropy(z, labels) + extra
+        x, w = self._compute_inputs(embeddings)
+        self._check_labels(labels, x.shape[0])
+        labels = labels.long()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            norms = x.norm(dim=1)
+            x_unit = x / norms.clamp_min(1e-12)[:, None]
+            local = labels
+            if self.training and self.sample_rate < 1.0:
+                index, local = sample_classes(labels, self.num_classes, self.sample_rate)
+                w = w.index_select(0, index)
+            with torch.no_grad():
+                cos_y = target_cosines(x_unit, w, local)
+            if self.training:
+                self._update_statistics(x_unit, norms, cos_y, labels)
+            target_fn, extra = self._target_fn(labels, norms, cos_y)
+            neg = self.spec.negative
+            rule, t, threshold = None, 0.0, None
+            if neg is not None:
+                rule, t = neg.rule, (self.curricular_t if neg.rule == "curricular" else neg.t)
+                with torch.no_grad():
+                    threshold = target_fn(cos_y)
+            scale = self.scale.to(x.dtype)
+            lse_neg, cos_y = negative_logsumexp(x_unit, w, local, scale, threshold, rule, t, self.class_chunk)
+            z_y = scale * target_fn(cos_y)
+            a = self._modulation_a(scale)
+            if a is not None:
+                with torch.no_grad():
+                    p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
+                z_y = z_y - T.probability_shift(p, a)
+            return (torch.logaddexp(lse_neg, z_y) - z_y).mean() + extra
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Final scaled logits [B, C]: `F.cross_entropy(logits, labels)` is the loss when the spec adds no regulariser."""
-        return self._scaled_logits(embeddings, labels)[0]
+        """Final scaled logits [B, C] over all classes: `F.cross_entropy(logits, labels)` is the loss when the spec adds no regulariser."""
+        return self._scaled_logits(embeddings, labels)
 
     def cosines(self, embeddings: Tensor) -> Tensor:
         """Plain cosine similarities [B, C] to the class centres, float32 or wider."""
@@ -106,18 +155,19 @@ class MarginSoftmax(nn.Module):
         if batch and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
 
-    def _scaled_logits(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _scaled_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         x, w = self._compute_inputs(embeddings)
         self._check_labels(labels, x.shape[0])
         labels = labels.long()
         with torch.autocast(device_type=x.device.type, enabled=False):
             norms = x.norm(dim=1)
             x_unit = x / norms.clamp_min(1e-12)[:, None]
-            cos = (x_unit @ F.normalize(w, dim=1).t()).clamp(-1.0, 1.0)
+            cos = ((x_unit @ w.t()) * inverse_norms(w)).clamp(-1.0, 1.0)
             cos_y = cos.gather(1, labels[:, None]).squeeze(1)
             if self.training:
                 self._update_statistics(x_unit, norms, cos_y, labels)
-            f, extra = self._target(cos_y, labels, norms)
+            target_fn, _ = self._target_fn(labels, norms, cos_y)
+            f = target_fn(cos_y)
             neg = self.spec.negative
             if neg is None:
                 out = T.insert_target(cos, labels, f)
@@ -126,10 +176,11 @@ class MarginSoftmax(nn.Module):
                 out = T.transform_negatives(cos, labels, f, neg.rule, t)
             scale = self.scale.to(out.dtype)
             z = out * scale
-            shift = self._modulation_shift(z, labels, scale)
-            if shift is not None:
-                z = z - F.one_hot(labels, self.num_classes).to(z.dtype) * shift[:, None]
-        return z, extra
+            a = self._modulation_a(scale)
+            if a is not None:
+                z_y = z.gather(1, labels[:, None]).squeeze(1)
+                z = z.scatter(1, labels[:, None], (z_y - T.modulation_shift(z, labels, a))[:, None])
+        return z
 
     @torch.no_grad()
     def _update_statistics(self, x_unit: Tensor, norms: Tensor, cos_y: Tensor, labels: Tensor) -> None:
@@ -144,20 +195,24 @@ class MarginSoftmax(nn.Module):
             self.norm_mean.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.mean().to(self.norm_mean.dtype))
             self.norm_std.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.std().to(self.norm_std.dtype))
 
-    def _target(self, cos_y: Tensor, labels: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """Transformed target cosine f [B] and any additive loss term (MagFace's regulariser)."""
+    def _target_fn(self, labels: Tensor, norms: Tensor, like: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """(f: cos θ_y [B] → transformed target cosine [B], any additive loss term such as MagFace's).
+
+        Steps SphereFace's λ and draws ElasticFace's margins once; f itself is pure.
+        """
         target = self.spec.target
-        zero = cos_y.new_zeros(())
+        zero = like.new_zeros(())
         if isinstance(target, SphereFacePsi):
             lam = T.sphereface_lambda(int(self.step), target.base, target.gamma, target.power, target.lambda_min)
             if self.training:
                 self.step.add_(1)
-            return T.sphereface_target(cos_y, target.m, lam), zero
+            return (lambda cos_y: T.sphereface_target(cos_y, target.m, lam)), zero
         if isinstance(target, PiecewiseLinear):
-            return T.piecewise_target(cos_y, self.slopes.to(cos_y.dtype), self.intercepts.to(cos_y.dtype)), zero
+            slopes, intercepts = self.slopes.to(like.dtype), self.intercepts.to(like.dtype)
+            return (lambda cos_y: T.piecewise_target(cos_y, slopes, intercepts)), zero
         assert isinstance(target, AngularMargin)
-        m2, m3, extra = self._target_margins(target, labels, norms, cos_y)
-        return T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through), extra
+        m2, m3, extra = self._target_margins(target, labels, norms, like)
+        return (lambda cos_y: T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through)), extra
 
     def _target_margins(self, target: AngularMargin, labels: Tensor, norms: Tensor,
                         like: Tensor) -> tuple[Tensor | float, Tensor | float, Tensor]:
@@ -184,17 +239,17 @@ class MarginSoftmax(nn.Module):
             extra = sm.lambda_g * T.magface_regularizer(norms, sm.l_a, sm.u_a)
         return m2, m3, extra
 
-    def _modulation_shift(self, z: Tensor, labels: Tensor, scale: Tensor) -> Tensor | None:
+    def _modulation_a(self, scale: Tensor) -> Tensor | None:
+        """The modulating factor(s) a of this step (one value, or one per bin of p), or None."""
         mod = self.spec.modulation
         if isinstance(mod, ProbabilityModulation):
-            return T.modulation_shift(z, labels, self.modulation_a.to(z.dtype))
+            return self.modulation_a.to(scale.dtype)
         if isinstance(mod, RandomModulation):
             if self.training:
-                x = mod.sigma * torch.randn((), device=z.device, dtype=torch.float32).abs().to(z.dtype)
+                x = mod.sigma * torch.randn((), device=scale.device, dtype=torch.float32).abs().to(scale.dtype)
             else:
-                x = z.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
-            a = -x * torch.exp(scale.detach() / 3.0)
-            return T.modulation_shift(z, labels, a.reshape(1))
+                x = scale.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
+            return (-x * torch.exp(scale.detach() / 3.0)).reshape(1)
         return None
 
 

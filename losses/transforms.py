@@ -13,8 +13,8 @@ from torch import Tensor
 
 __all__ = [
     "ANGLE_EPS", "angle", "angular_target", "sphereface_target", "sphereface_lambda", "chebyshev",
-    "piecewise_target", "NEGATIVE_RULE_FNS", "transform_negatives", "insert_target",
-    "modulation_shift", "kappa_psi", "adaface_offsets", "magface_margin", "magface_regularizer",
+    "piecewise_target", "NEGATIVE_RULE_FNS", "NEGATIVE_RULE_GRADS", "transform_negatives", "insert_target",
+    "modulation_shift", "probability_shift", "kappa_psi", "adaface_offsets", "magface_margin", "magface_regularizer",
 ]
 
 # cos θ is clamped to [−1 + ANGLE_EPS, 1 − ANGLE_EPS] before acos: dacos/dc stays finite (≈ 2.2e3).
@@ -102,6 +102,13 @@ NEGATIVE_RULE_FNS: dict[str, Callable[[Tensor, Tensor | float], Tensor]] = {
     "curricular": lambda cos, t: cos * (t + cos),        # CurricularFace (arXiv 2004.00288)
 }
 
+# dg/dcos of each rule (t carries no gradient), for hand-written backwards (losses.chunked).
+NEGATIVE_RULE_GRADS: dict[str, Callable[[Tensor, Tensor | float], Tensor]] = {
+    "mv-fixed": lambda cos, t: torch.ones_like(cos),
+    "mv-adaptive": lambda cos, t: torch.ones_like(cos) * (t + 1.0),
+    "curricular": lambda cos, t: 2.0 * cos + t,
+}
+
 
 def insert_target(cos: Tensor, labels: Tensor, f: Tensor) -> Tensor:
     """cos with column y of each row replaced by the transformed target f [B]."""
@@ -126,7 +133,14 @@ def modulation_shift(z: Tensor, labels: Tensor, a: Tensor) -> Tensor:
         return torch.log1p(-a).expand(z.shape[0])
     with torch.no_grad():
         p = torch.softmax(z, dim=1).gather(1, labels[:, None]).squeeze(1)
-        idx = torch.floor(p * a.numel()).long().clamp(0, a.numel() - 1)
+    return probability_shift(p, a)
+
+
+def probability_shift(p: Tensor, a: Tensor) -> Tensor:
+    """−log(1 − a) per sample from the target probabilities p [B] (no gradient): a[i] of p's bin of n equal bins of [0, 1]."""
+    if a.numel() == 1:
+        return torch.log1p(-a).expand(p.shape[0])
+    idx = torch.floor(p.detach() * a.numel()).long().clamp(0, a.numel() - 1)
     return torch.log1p(-a[idx])
 
 

@@ -1,0 +1,139 @@
+"""Log-sum-exp of a margin head's negative logits, class chunk by class chunk, with a hand-written backward.
+
+The head's loss is `logaddexp(lse_neg, z_y) − z_y` with z_y = s·f(cos θ_y) (minus a modulation
+shift) and lse_neg = log Σ_{j≠y} e^{s·g(cos θ_j)}. `negative_logsumexp` returns lse_neg and cos θ_y;
+the target transform f, its per-sample margins and the shift stay outside, under autograd.
+
+Inside, cosines are `(x_unit @ W.t()) · (1/‖W_j‖)`: the class centres are never copied to a
+normalised matrix. With `chunk=None` the [B, C] cosines are kept for the backward (one matmul
+fewer); with `chunk=N` only N classes are live at a time, forward (online log-sum-exp) and
+backward (the chunk's cosines recomputed), so the extra memory is O(B·N) besides the gradient of W.
+The negatives' cosines are not clamped to [−1, 1] (they leave it by rounding only, and g is a
+polynomial); the target cosine is, with clamp's gradient. First-order gradients only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import transforms as T
+
+__all__ = ["NORM_EPS", "inverse_norms", "target_cosines", "negative_logsumexp"]
+
+NORM_EPS = 1e-12  # as F.normalize
+
+
+def inverse_norms(weight: Tensor) -> Tensor:
+    """1/max(‖W_j‖, 1e-12) per class centre [C] (F.normalize's convention)."""
+    return weight.norm(dim=1).clamp_min(NORM_EPS).reciprocal()
+
+
+def target_cosines(x_unit: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """cos θ_y [B] = <x_unit_i, W_{y_i}>/‖W_{y_i}‖ clamped to [−1, 1], in O(B·D)."""
+    w_y = weight.index_select(0, labels)
+    return ((x_unit * w_y).sum(1) * inverse_norms(w_y)).clamp(-1.0, 1.0)
+
+
+def _target_cells(labels: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """(rows, local columns) of the target cells that fall in the chunk lo..hi − 1."""
+    rows = ((labels >= lo) & (labels < hi)).nonzero().squeeze(1)
+    return rows, labels.index_select(0, rows) - lo
+
+
+def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, labels: Tensor,
+                  threshold: Tensor | None, rule: str | None, t: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
+    """(negative logits z [B, hi − lo] with −inf in the target cells, unclamped cosines or None without a rule).
+
+    Without a rule z = s·cos is written over the matmul's output; with one, z = s·g(cos) on the
+    mis-classified cells (cos > threshold) and the cosines are returned too.
+    """
+    rows, cols = _target_cells(labels, lo, hi)
+    product = x_unit @ weight[lo:hi].t()
+    if rule is None:
+        z, cos = product.mul_(inv[lo:hi] * scale), None
+    else:
+        cos = product.mul_(inv[lo:hi])
+        z = T.NEGATIVE_RULE_FNS[rule](cos, t)
+        z = torch.where(cos > threshold[:, None], z, cos, out=z).mul_(scale)
+    z.index_put_((rows, cols), z.new_full((), -float("inf")))
+    return z, cos
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_unit: Tensor, weight: Tensor, scale: Tensor, labels: Tensor, threshold: Tensor | None,
+                rule: str | None, t: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
+        num_classes = weight.shape[0]
+        step = num_classes if chunk is None else chunk
+        inv = inverse_norms(weight)
+        cos_y_raw = (x_unit * weight.index_select(0, labels)).sum(1) * inv.index_select(0, labels)
+        lse = x_unit.new_full((x_unit.shape[0],), -float("inf"))
+        kept: tuple[Tensor | None, Tensor | None] = (None, None)
+        for lo in range(0, num_classes, step):
+            hi = min(num_classes, lo + step)
+            z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+            if chunk is None:
+                kept = (z, cos)
+        ctx.save_for_backward(x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept)
+        ctx.rule, ctx.step = rule, step
+        return lse, cos_y_raw.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, g_lse: Tensor, g_cos_y: Tensor):
+        x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, kept_z, kept_cos = ctx.saved_tensors
+        num_classes, step, rule = weight.shape[0], ctx.step, ctx.rule
+        need_x, need_w, need_s = ctx.needs_input_grad[:3]
+        g_x = torch.zeros_like(x_unit) if need_x else None
+        g_w = torch.empty_like(weight) if need_w else None
+        g_s = torch.zeros_like(scale) if need_s else None
+        # the target cosine: clamp(−1, 1) passes its gradient on [−1, 1]
+        g_y = g_cos_y * ((cos_y_raw >= -1.0) & (cos_y_raw <= 1.0)).to(g_cos_y.dtype)
+        # d inv_j/d W_j = −inv_j³ W_j where ‖W_j‖ ≥ eps (clamp_min passes the gradient there), else 0:
+        # W_j's gradient gets −inv_j² (Σ_i dL/dcos_ij · cos_ij) W_j besides the matmul's.
+        norm_coef = -(inv * inv) * (inv <= 1.0 / NORM_EPS).to(inv.dtype)
+        target_sum = torch.zeros_like(inv).index_add_(0, labels, g_y * cos_y_raw)
+        target_raw = g_y * inv.index_select(0, labels)  # dL/d(x_unit·W_y) of the target cells
+        for lo in range(0, num_classes, step):
+            hi = min(num_classes, lo + step)
+            if kept_z is not None:
+                z, cos = kept_z, kept_cos
+            else:
+                z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
+            rows, cols = _target_cells(labels, lo, hi)
+            d_raw = torch.sub(z, lse[:, None]).exp_().mul_(g_lse[:, None])  # dL/dz_ij, 0 in the target cells
+            if need_s:  # dz/ds = z/s on the negatives
+                g_s += (d_raw * z).index_put_((rows, cols), z.new_zeros(())).sum() / scale
+            if rule is not None:  # dz/dcos = s·g'(cos) on the mis-classified cells, s elsewhere
+                slope = T.NEGATIVE_RULE_GRADS[rule](cos, t)
+                d_raw.mul_(torch.where(cos > threshold[:, None], slope, slope.new_ones(()), out=slope))
+            d_raw.mul_(inv[lo:hi] * scale)   # dL/d(x_unit·W_j)
+            d_raw.index_put_((rows, cols), target_raw.index_select(0, rows))
+            if need_x:
+                g_x.addmm_(d_raw, weight[lo:hi])
+            if need_w:  # Σ_i dL/dcos_ij·cos_ij = Σ_i d_raw_ij·cos_ij/inv_j, over d_raw's buffer
+                torch.mm(d_raw.t(), x_unit, out=g_w[lo:hi])
+                if rule is None:
+                    column = d_raw.mul_(z).index_put_((rows, cols), z.new_zeros(())).sum(0) / (inv[lo:hi] * scale)
+                else:
+                    column = d_raw.mul_(cos).index_put_((rows, cols), z.new_zeros(())).sum(0) / inv[lo:hi]
+                g_w[lo:hi].addcmul_(weight[lo:hi], ((column + target_sum[lo:hi]) * norm_coef[lo:hi])[:, None])
+        return g_x, g_w, g_s, None, None, None, None, None
+
+
+def negative_logsumexp(x_unit: Tensor, weight: Tensor, labels: Tensor, scale: Tensor,
+                       threshold: Tensor | None = None, rule: str | None = None, t: Tensor | float = 0.0,
+                       chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(lse_neg [B], cos θ_y [B]) for unit embeddings [B, D], centres [C, D] and labels [B] in [0, C).
+
+    lse_neg = log Σ_{j≠y} e^{s·g_j}, g_j = rule(cos θ_j, t) where cos θ_j > threshold (the row's
+    detached f(θ_y)), else cos θ_j (MV-Softmax / CurricularFace; `rule` None: no re-weighting).
+    Differentiable w.r.t. x_unit, weight and scale (first order only). `chunk`: classes per
+    step, None keeps the [B, C] cosines for the backward instead of recomputing them.
+    """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of classes, got {chunk}")
+    if rule is not None and threshold is None:
+        raise ValueError(f"negative rule {rule!r} needs the per-row threshold f(θ_y)")
+    t_tensor = torch.as_tensor(t, dtype=x_unit.dtype, device=x_unit.device).detach().clone()
+    return _NegativeLogSumExp.apply(x_unit, weight, scale, labels, threshold, rule, t_tensor, chunk)
