@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.perf_counter()
     budget = budget_from("proxy", epochs=args.rounds, seed=args.seed, **(TINY if args.preset == "tiny" else {}))
     objective = PopulationObjective(f"synthetic:{args.preset}", budget)
     result = run_population(args.space, objective, rounds=args.rounds, population=args.population, seed=args.seed,
@@ -70,8 +72,27 @@ def main(argv: list[str] | None = None) -> int:
                                                          file=sys.stderr)])
     result.print()
     plot(result, args.out, f"population search on synthetic:{args.preset}, space {args.space}")
-    print(f"\nwrote {args.out}")
+    summary = args.out.with_suffix(".md")
+    summary.write_text(markdown(result, args, time.perf_counter() - t0, argv))
+    print(f"\nwrote {args.out} and {summary}")
     return 0
+
+
+def markdown(result: PopulationResult, args: argparse.Namespace, seconds: float, argv: list[str] | None) -> str:
+    """Best and mean reward per round, and the policy mean μ (native units) after the last round."""
+    cmd = "python bench/population_demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"Population mode on `synthetic:{args.preset}`, space `{args.space}`: {args.rounds} rounds × "
+             f"{args.population} candidates, one epoch each from the previous round's best model "
+             f"({seconds / 60:.1f} min; `{cmd.strip()}`).", "",
+             "| round | best reward | mean reward | failed |", "|---|---|---|---|"]
+    for k, rewards in enumerate(result.rewards_per_round):
+        done = [r for r in rewards if r is not None]
+        best = max(done) if done else float("nan")
+        mean = sum(done) / len(done) if done else float("nan")
+        lines.append(f"| {k} | {best:.4f} | {mean:.4f} | {len(rewards) - len(done)} |")
+    mu = result.trajectory[-1]["mu"] if result.trajectory else {}
+    lines += ["", "Policy mean after the last round: " + ", ".join(f"{k} = {v:.3g}" for k, v in sorted(mu.items()))]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
