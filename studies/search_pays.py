@@ -1,0 +1,219 @@
+"""Study 2, does the search pay: three searches of the `unified` space at equal proxy compute, each best promoted, against the best named loss.
+
+    python studies/search_pays.py                      # bench preset, search seeds 0 1 2
+    python studies/search_pays.py --preset demo --trials 16 --proxy-epochs 2 --population 8
+    python studies/search_pays.py --reduced            # tiny preset, 2 proxy epochs per search, seed 0 (CI)
+
+Methods, each given the same number of proxy epochs (trials × proxy epochs = rounds × population):
+- `reward-guided`: the REINFORCE sampler in independent-trial mode (a campaign: search, promote the best);
+- `population`: the papers' algorithm (`run_population`, one epoch per candidate from the previous
+  round's best model), then the last round's best spec retrained on the full budget;
+- `tpe`: Optuna's TPE sampler (a campaign).
+Campaigns run without pruning and without named baselines, so every method spends exactly the same
+proxy epochs; their runs (trials, promoted models, registry) land in the MLflow experiment
+`study-search-pays`. The best named loss comes from study 1's runs.json beside this folder when it
+was run with the same preset and epochs, else `--baselines` are trained here on the same seeds.
+
+Estimated full run time (an estimate from ~220 images/s at 48×48 on 2 cores): bench preset, proxy
+= 500 identities (~11k images) × 2 epochs ≈ 100 s per trial, 32 proxy epochs ≈ 27 min per search,
+plus one full training (≈ 40 min) per search: 3 methods × 3 seeds ≈ 10 h, + 2 h if the baselines
+are trained here. Demo preset (all 500 identities, ~8k images at 32×32): ≈ 9 min per search +
+3 min per promotion ≈ 1.8 h.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from studies.common import (StudyOutput, command_line, fmt, log_runs_to_mlflow, mean, mode_for, std,  # noqa: E402
+                            study_parser, summarise, test_metrics, tracking_uri)
+from studies.named_baselines import METRICS, best_named, train_named  # noqa: E402
+
+METHODS = ("reward-guided", "population", "tpe")
+SPACE = "unified"
+EXPERIMENT = "study-search-pays"
+
+
+def _budget_assignments(name: str, budget: Any) -> dict[str, Any]:
+    """`budget.<name>.<field>` overrides that make a campaign's budget equal to `budget`."""
+    out = {}
+    for key, value in dataclasses.asdict(budget).items():
+        if key == "identities":
+            value = value or 0
+        if value is not None:
+            out[f"budget.{name}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
+    """One (sampler, seed) campaign: search on the proxy, promote the best to the full budget; its record."""
+    from trainers.budget import budget_from
+    from trainers.campaign import run_campaign
+    from trainers.config import load_config, override
+
+    config = override(load_config(), {
+        "campaign.name": f"search-pays-{method}-s{seed}", "campaign.seed": seed,
+        "campaign.workdir": str(Path(args.out).resolve() / "work"), "data.train": mode.source,
+        "search.space": SPACE, "search.sampler": method, "search.pruner": "none", "search.trials": args.trials,
+        "search.population": args.population, "search.baselines": [],
+        **_budget_assignments("proxy", budget_from(mode.proxy, epochs=args.proxy_epochs, seed=seed)),
+        **_budget_assignments("full", budget_from(mode.full, seed=seed)),
+        "promote.top_k": 1, "promote.metric": mode.metric, "promote.baseline": False,
+        "tracking.uri": tracking_uri(args), "tracking.experiment": EXPERIMENT})
+    result = run_campaign(config, log=log)
+    best = result.promoted[0]
+    history = [(r.number, r.reward) for r in result.search.rows]
+    return {"method": method, "seed": seed, "campaign": result.key, "spec": best.spec.to_dict(), "named": best.named,
+            "proxy_reward": best.proxy_reward, "promoted_run_id": best.run_id,
+            **{k.removeprefix("test/"): v for k, v in best.metrics.items() if k.startswith("test/")},
+            "history": [[(i + 1) * args.proxy_epochs, r] for i, (_, r) in enumerate(history)]}
+
+
+def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
+    """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on the full budget."""
+    from losses import MarginSpec, identify
+    from searchspace.population import run_population
+    from trainers.budget import budget_from
+    from trainers.data.synthetic import load_synthetic
+    from trainers.objective import PopulationObjective, data_for
+    from trainers.train import train
+
+    rounds = max(1, args.trials * args.proxy_epochs // args.population)
+    objective = PopulationObjective(mode.source, budget_from(mode.proxy, epochs=rounds, seed=seed))
+    result = run_population(SPACE, objective, rounds, population=args.population, seed=seed,
+                            study_name=f"search-pays-population-s{seed}",
+                            callbacks=[lambda row: log(f"  round {row.round} trial {row.number} {row.state} "
+                                                       f"reward {row.reward}")])
+    last = result.best_per_round[-1] or result.best
+    spec = MarginSpec.from_dict(last.spec)
+    log(f"population: retraining the last round's best spec on the full budget ({mode.full.epochs} epochs)")
+    trained = train(spec, data_for(mode.source), budget_from(mode.full, seed=seed))
+    metrics = test_metrics(trained.model, load_synthetic(mode.preset), seed) if trained.status == "complete" else {}
+    history = [[i + 1, r.reward] for i, r in enumerate(result.rows)]
+    return {"method": "population", "seed": seed, "campaign": f"population-s{seed}", "spec": spec.to_dict(),
+            "named": identify(spec), "proxy_reward": last.reward, "promoted_run_id": "", **metrics,
+            "history": history, "rounds": rounds}
+
+
+def baseline_runs(args: Any, mode: Any) -> tuple[list[dict], str]:
+    """Study 1's runs if they match this mode (same preset, epochs, reducedness), else `--baselines` trained here."""
+    path = Path(args.named_results) if args.named_results else Path(args.out).parent / "named_baselines" / "runs.json"
+    if path.is_file():
+        blob = json.loads(path.read_text())
+        if (blob.get("preset"), blob.get("full_epochs"), blob.get("reduced")) == (mode.preset, mode.full.epochs, mode.reduced):
+            return blob["runs"], f"study 1 ({path})"
+        print(f"{path} was run with another preset or budget: training the baselines here", flush=True)
+    return train_named(tuple(args.baselines), mode), "trained here"
+
+
+def _history_figure(runs: list[dict], methods: list[str]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, run in enumerate(r for r in runs if r["method"] == method):
+            points = [(x, y) for x, y in run["history"] if y is not None and math.isfinite(y)]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            best = [max(ys[:k + 1]) for k in range(len(ys))]
+            ax.scatter(xs, ys, s=10, alpha=0.5, color=f"C{i}")
+            ax.step(xs, best, where="post", color=f"C{i}", label=f"seed {run['seed']}")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("proxy epochs spent")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("proxy reward (dots) and best so far")
+    return fig
+
+
+def _logit_figure(champion: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from losses import MarginSpec, named
+    from losses.plot import plot_target_logits
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    label = f"champion ({champion['method']}, seed {champion['seed']})"
+    plot_target_logits({label: MarginSpec.from_dict(champion["spec"]), "arcface": named("arcface"),
+                        "cosface": named("cosface")}, ax=ax)
+    return fig
+
+
+def verdict(runs: list[dict], base: list[dict], base_name: str, methods: list[str], metric: str) -> str:
+    """Per method: the champion's mean gap to the best named loss on `metric`, and whether it exceeds the seed spread."""
+    b = [r[metric] for r in base if r["loss"] == base_name]
+    lines = []
+    for method in methods:
+        c = [r.get(metric, math.nan) for r in runs if r["method"] == method]
+        gap, spread = mean(c) - mean(b), max(std(c), std(b))
+        beats = "beats it by more than the seed spread" if gap > spread else \
+            "does NOT beat it by more than the seed spread"
+        lines.append(f"- {method}: {fmt(mean(c))} vs {base_name} {fmt(mean(b))}: gap {fmt(gap)} points, seed spread "
+                     f"{fmt(spread)} → {beats}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = study_parser(__doc__, "search_pays")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--trials", type=int, default=None, help="trials per independent-mode search (default 16; reduced 2)")
+    p.add_argument("--proxy-epochs", type=int, default=None, help="epochs per proxy trial (default 2; reduced 1)")
+    p.add_argument("--population", type=int, default=None, help="candidates per policy round (default 8; reduced 2)")
+    p.add_argument("--baselines", nargs="+", default=["arcface", "cosface"],
+                   help="named losses to train when study 1's results are absent")
+    p.add_argument("--named-results", default="", help="study 1's runs.json (default ../named_baselines/runs.json)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Some regimes for parameter")  # Optuna's importance on few trials
+    mode = mode_for(args)
+    args.trials = args.trials or (2 if mode.reduced else 16)
+    args.proxy_epochs = args.proxy_epochs or mode.proxy.epochs
+    args.population = args.population or (2 if mode.reduced else 8)
+    out = StudyOutput("Does the search pay?", Path(args.out), command_line("studies/search_pays.py", argv), vars(args))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    runs: list[dict] = []
+    t0 = time.perf_counter()
+    for seed in mode.seeds:
+        for method in args.methods:
+            log(f"== {method}, search seed {seed} ({time.perf_counter() - t0:.0f} s)")
+            runs.append(population_search(seed, mode, args, log) if method == "population"
+                        else campaign_search(method, seed, mode, args, log))
+    base, where = baseline_runs(args, mode)
+    base_name = best_named(base, mode.metric)
+    rows = [{**r, "row": f"{r['method']} (searched)"} for r in runs]
+    rows += [{**r, "row": f"{base_name} (best named)"} for r in base if r["loss"] == base_name]
+    order = [f"{m} (searched)" for m in args.methods] + [f"{base_name} (best named)"]
+    total = args.trials * args.proxy_epochs
+    out.add(f"Champion of each search on the test identities of `{mode.preset}` (mean ± std over search seeds "
+            f"{', '.join(map(str, mode.seeds))}; {total} proxy epochs per search, full budget {mode.full.epochs} epochs)",
+            summarise(rows, "row", {"proxy reward": "proxy_reward", **METRICS}, order=order))
+    out.add(f"Against the best named loss ({base_name}, from {where}) on test {mode.metric}",
+            verdict(runs, base, base_name, args.methods, mode.metric))
+    champion = max(runs, key=lambda r: r.get(mode.metric, -math.inf) if math.isfinite(r.get(mode.metric, math.nan))
+                   else -math.inf)
+    out.add("Champion spec", f"{champion['method']}, seed {champion['seed']}: named loss "
+                             f"{champion['named'] or 'none'}; spec `{json.dumps(champion['spec'])}`")
+    out.figure("search_history", _history_figure(runs, args.methods))
+    out.figure("champion_target_logit", _logit_figure(champion))
+    log_runs_to_mlflow(tracking_uri(args), EXPERIMENT + "-summary",
+                       [{k: v for k, v in r.items() if k not in ("history", "spec")} for r in runs],
+                       lambda r: f"{r['method']} seed {r['seed']}")
+    out.write(runs, {"baseline": base_name, "baseline_source": where, "baseline_runs": base, "metric": mode.metric,
+                     "champion": champion, "proxy_epochs_per_search": total})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
