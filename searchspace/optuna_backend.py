@@ -44,6 +44,7 @@ def run_optuna(*, space: SearchSpace, objective: Objective, sampler: BaseSampler
     enqueue_baselines(study, space, baselines)
     remaining = n_trials - finished_count(study)
     hooks = [lambda st, trial, cb=cb: cb(row_of(trial, space)) for cb in callbacks]
+    hooks.append(lambda st, trial: st.stop() if finished_count(st) >= n_trials else None)  # other workers count too
     if remaining > 0:
         study.optimize(optuna_objective(space, objective), n_trials=remaining, catch=(TrialFailed,),
                        callbacks=hooks, gc_after_trial=False)

@@ -68,6 +68,20 @@ class _RowSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._search_space, self._labels, self._row_callbacks = search_space, dict(labels), list(row_callbacks)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Ray checkpoints a searcher by pickling its attributes: the driver-side callbacks (closures) stay out."""
+        callbacks, self._row_callbacks = self._row_callbacks, []
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self._row_callbacks = callbacks
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore the searcher's state, keeping this driver's callbacks."""
+        callbacks = self._row_callbacks
+        super().restore(checkpoint_path)
+        self._row_callbacks = callbacks
+
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         label = self._labels.pop(_key(config), None) if config is not None else None  # an enqueued baseline

@@ -22,9 +22,10 @@ from .space import SearchSpace, load
 
 __all__ = ["SearchError", "SAMPLERS", "PRUNERS", "BACKENDS", "STORAGE_KINDS", "run_search", "make_storage",
            "make_sampler", "enqueue_baselines", "baseline_params", "checked_reward", "open_study", "finished_count",
-           "record_failure", "HEARTBEAT_S"]
+           "record_failure", "retry_abandoned", "retried_numbers", "HEARTBEAT_S", "ABANDONED_RETRIES"]
 
 HEARTBEAT_S = 30
+ABANDONED_RETRIES = 3  # how often a coordinator re-runs a trial whose process was killed before giving up on it
 
 
 class SearchError(ValueError):
@@ -212,9 +213,42 @@ def open_study(storage: str | BaseStorage | None, study_name: str, sampler: Base
     return study, built
 
 
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the FAIL trials that a later trial retries (stale heartbeat or `retry_abandoned`)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
 def finished_count(study: optuna.Study) -> int:
-    """Trials already finished (they count towards n_trials on resume)."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    """Trials already finished (they count towards n_trials on resume); a retried abandoned trial counts once, as its retry."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number not in retried)
+               for t in trials)
+
+
+def retry_abandoned(study: optuna.Study, reason: str, max_retry: int = ABANDONED_RETRIES) -> list[int]:
+    """Fail every RUNNING trial (`fail_reason` = reason) and enqueue it again with its params, as a stale heartbeat would.
+
+    Only for a coordinator that knows no worker of this study is running (a resumed campaign):
+    the heartbeat's grace period would otherwise keep a killed trial RUNNING for minutes.
+    The numbers of the trials failed.
+    """
+    storage = study._storage
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:
+            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason.splitlines()[0])
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial.number)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    failed_trial = storage.get_trial(trial._trial_id)
+                    failed_trial.user_attrs = {k: v for k, v in failed_trial.user_attrs.items() if k != FAIL_REASON}
+                    retry(study, failed_trial)  # the retry inherits params and attrs, not the reason
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile
+    return failed
 
 
 def record_failure(set_user_attr: Callable[[str, Any], None], reason: str) -> None:

@@ -34,7 +34,7 @@ from .config import CampaignConfig, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
-from .tracking import TAG, CampaignTracker, check_tracking_uri, resolve_tracking_uri
+from .tracking import TAG, CampaignTracker, check_tracking_uri, fault_point, resolve_tracking_uri
 from .train import train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
@@ -77,7 +77,9 @@ class TrackedObjective:
         trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, {f"{TAG}campaign_key": self.campaign_key})
         with trial:
             def on_epoch(epoch_report: Any) -> None:
+                fault_point("trial")
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
+                fault_point("log")
                 if epoch_report.epoch >= self.budget.epochs:
                     trial.exit_state = "complete"  # Ray Tune ends a finished trial with SystemExit too
                 report(epoch_report.epoch, epoch_report.reward)
@@ -90,6 +92,7 @@ class TrackedObjective:
                 trial.finish("failed", f"reward is {result.reward}")
                 raise TrialFailed(f"reward {self.budget.reward_metric} is {result.reward}")
             trial.finish("complete", reward=result.reward)
+            fault_point("finish")
             return result.reward
 
 
@@ -161,7 +164,8 @@ def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, 
     name = config.campaign.name
     runs = _campaign_runs(tracker, name)
     latest = runs[0] if runs else None
-    if latest is not None and not new and latest.data.tags.get(f"{TAG}phase") != "done":
+    finished = latest is not None and latest.data.tags.get(f"{TAG}phase") == "done" and latest.info.status == "FINISHED"
+    if latest is not None and not new and not finished:  # killed after phase "done" but before the run ended: resume
         key = latest.data.tags[f"{TAG}campaign_key"]
         log(f"resuming campaign {key} (phase {latest.data.tags.get(f'{TAG}phase', 'search')})")
     else:
@@ -187,6 +191,7 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
     from searchspace.search import run_search
 
     s = config.search
+    _retry_abandoned_trials(config, key, log)
     objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key)
     log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
         f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
@@ -197,6 +202,21 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
                       resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
                       ray_dir=str(config.workdir / "ray_results"),
                       callbacks=[lambda row: log(_row_line(row))])
+
+
+def _retry_abandoned_trials(config: CampaignConfig, key: str, log: Callable[[str], None]) -> None:
+    """Trials left RUNNING by a killed campaign process: FAIL, and enqueued again with the same params (same MLflow run)."""
+    import optuna
+
+    from searchspace.search import make_storage, retry_abandoned
+
+    try:
+        study = optuna.load_study(study_name=key, storage=make_storage(storage_url(config)))
+    except KeyError:
+        return  # a new campaign: no study yet
+    failed = retry_abandoned(study, "abandoned: its process stopped before the trial ended (campaign resumed)")
+    if failed:
+        log(f"search: trial(s) {', '.join(map(str, failed))} left RUNNING by a stopped process marked FAIL and enqueued again")
 
 
 def _row_line(row: TrialRow) -> str:
@@ -277,7 +297,7 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
     log(f"promote: training {named or 'searched spec ' + skey} on the full budget ({budget.epochs} epochs)")
     data = data_for(config.data.train)
     checkpoint = config.workdir / "checkpoints" / key / f"{skey}.pt"
-    result = train(spec, data, budget, checkpoint=checkpoint, progress=True)
+    result = train(spec, data, budget, checkpoint=checkpoint, progress=True, on_epoch=lambda r: fault_point("promote"))
     if result.status == "diverged":
         raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
     metrics = _evaluate(config, result.model, budget.seed)
@@ -305,6 +325,7 @@ def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[P
     from .registry import register_and_gate, set_challenger
 
     for p in sorted(promoted, key=lambda p: p.metrics.get(metric, -math.inf)):  # best last: it meets the gate last
+        fault_point("register")
         gate = register_and_gate(tracker.client, config.model_name, p.run_id, metric,
                                  p.metrics.get(metric, math.nan))
         p.version, p.became_champion, p.gate_reason = gate.version, gate.became_champion, gate.reason
@@ -323,6 +344,21 @@ def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> boo
 
 
 # ---------------------------------------------------------------------------- the whole campaign
+def _check_inputs(config: CampaignConfig) -> None:
+    """ValueError for a bad space, sampler, pruner, storage or data source, before the campaign records anything."""
+    from searchspace.search import PRUNERS, SearchError, make_sampler, make_storage
+
+    space = load_space(config.search.space)
+    make_sampler(config.search.sampler, space, config.campaign.seed)
+    if config.search.pruner not in PRUNERS:
+        raise SearchError(f"search.pruner: unknown pruner {config.search.pruner!r}; choose one of {', '.join(PRUNERS)}")
+    for source in (config.data.test, *config.data.verification):
+        if source:
+            parse_source(source)
+    make_storage(storage_url(config), heartbeat=False)
+    data_for(config.data.train)               # loaded once per process: the trials reuse it
+
+
 def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str, ...] = ("search", "promote"),
                  log: Callable[[str], None] = print) -> CampaignResult:
     """Search, then promote and register, recording everything in MLflow; resumable after a kill at any point."""
@@ -332,8 +368,7 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     config.workdir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(config.tracking.uri or None, config.workdir)
     check_tracking_uri(uri)
-    load_space(config.search.space)           # fail fast on a bad space before any store is touched
-    parse_source(config.data.train)
+    _check_inputs(config)                     # fail fast on bad input before any store is touched
     tracker = CampaignTracker(uri, config.experiment)
     key, parent, phase = _open_campaign(config, tracker, new, log)
     closed = tracker.close_abandoned(parent, "its process stopped before ending the run (campaign resumed)")
@@ -358,6 +393,7 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
             campaign.champion_version = str(current.version)
             campaign.champion_label = current.tags.get(f"{TAG}named_loss", "searched")
         tracker.set_tags(parent, {f"{TAG}phase": "done"})
+        fault_point("end")
         best = max((p.metrics.get(metric, -math.inf) for p in campaign.promoted), default=-math.inf)
         tracker.end_search(parent, campaign.summary(), figures,
                            {"best_proxy_reward": (result.best.reward if result.best else math.nan),

@@ -1,6 +1,6 @@
 """Pictures of a search: reward history, parameter importance, the reward-guided policy's mean over rounds.
 
-Each function returns a matplotlib Figure (Agg backend, imported lazily) or None when there is
+Each function returns a matplotlib Figure (no pyplot state, imported lazily) or None when there is
 nothing to draw; `trainers.tracking` logs them as PNG artifacts of the campaign's parent run.
 """
 from __future__ import annotations
@@ -11,13 +11,12 @@ from typing import Any, Mapping, Sequence
 __all__ = ["search_history", "parameter_importance", "policy_trajectory"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    """A Figure with one Axes, outside pyplot's global state (nothing to close, safe in worker processes)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
@@ -25,8 +24,7 @@ def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
     scored = [r for r in rows if r.reward is not None and math.isfinite(r.reward)]
     if not scored:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _figure(6.4, 3.8)
     sampled = [r for r in scored if not r.baseline]
     named = [r for r in scored if r.baseline]
     ax.scatter([r.number for r in sampled], [r.reward for r in sampled], s=18, label="sampled trial")
@@ -57,9 +55,8 @@ def parameter_importance(study: Any) -> Any:
         return None
     if not importances:
         return None
-    plt = _pyplot()
     names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
+    fig, ax = _figure(6.4, 0.4 * len(names) + 1.2)
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel("importance")
     ax.set_title("parameter importance")
@@ -71,8 +68,7 @@ def policy_trajectory(snapshots: Sequence[Mapping[str, Any]]) -> Any:
     """The reward-guided policy's mean μ of each numeric parameter (normalised to [0, 1] of its range) per round."""
     if len(snapshots) < 2 or not snapshots[-1].get("mu_unit"):
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _figure(6.4, 3.8)
     names = sorted(snapshots[-1]["mu_unit"])
     for name in names:
         points = [(i, s["mu_unit"][name]) for i, s in enumerate(snapshots) if name in s.get("mu_unit", {})]

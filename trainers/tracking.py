@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 import urllib.error
@@ -33,7 +34,7 @@ from torch import nn
 from losses import MarginSpec, identify, named
 
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
-           "check_tracking_uri", "log_embedding_model", "target_logit_png"]
+           "check_tracking_uri", "log_embedding_model", "target_logit_png", "fault_point", "FAULT_ENV"]
 
 
 class TrackingError(ValueError):
@@ -50,6 +51,19 @@ TAG = "marginsearch."          # prefix of every tag this module writes
 PARENT_TAG = "mlflow.parentRunId"
 CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
 HEALTH_TIMEOUT_S = 3.0
+FAULT_ENV = "MARGINSEARCH_FAULT"  # <phase>:<n>: SIGKILL at the n-th `fault_point(phase)` (fault-injection tests)
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(phase: str) -> None:
+    """Test hook: with MARGINSEARCH_FAULT=<phase>:<n> in the environment, SIGKILL this process the n-th time `phase` is reached."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    name, _, count = wanted.partition(":")
+    if name != phase:
+        return
+    _FAULT_HITS[phase] = _FAULT_HITS.get(phase, 0) + 1
+    if _FAULT_HITS[phase] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
@@ -313,7 +327,7 @@ class CampaignTracker:
                      artifacts: Mapping[str, str | bytes], resume_key: str | None = None) -> str:
         """Open the campaign's parent run, or with `resume_key` reopen the run tagged with it (RUNNING again)."""
         key_tags = {f"{TAG}campaign_key": resume_key} if resume_key else {}
-        run_id = self.find_run(key_tags) if resume_key else None
+        run_id = self.find_run({**key_tags, f"{TAG}kind": "search"}) if resume_key else None
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags={**{k: _tag_value(v) for k, v in tags.items()}, **key_tags,
@@ -384,6 +398,7 @@ class CampaignTracker:
                                                "input_size": str(input_size)})
             promoted.log_epoch(0, metrics)
             self.log_files(promoted.run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2)})
+            fault_point("promoted-log")
             log_embedding_model(self.client, self.experiment_id, promoted.run_id, model, input_size,
                                 {"spec": spec.to_dict(), "trial_run_id": trial_run_id})
         return run.info.run_id
