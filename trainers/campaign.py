@@ -391,7 +391,9 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
         current = champion(tracker.client, config.model_name)
         if current is not None:
             campaign.champion_version = str(current.version)
-            campaign.champion_label = current.tags.get(f"{TAG}named_loss", "searched")
+            labels = {p.version: p.label for p in campaign.promoted}
+            named = current.tags.get(f"{TAG}named_loss", "none")
+            campaign.champion_label = labels.get(str(current.version), named if named != "none" else "a searched spec")
         tracker.set_tags(parent, {f"{TAG}phase": "done"})
         fault_point("end")
         best = max((p.metrics.get(metric, -math.inf) for p in campaign.promoted), default=-math.inf)
