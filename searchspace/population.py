@@ -6,11 +6,19 @@ The objective protocol is `objective(spec, start_state) -> (reward, end_state)`;
 None in round 0 and states are opaque to this module (the trainer's checkpoint dicts). Trials live
 in an Optuna study (ask/tell, so in any storage) with their round in user attr ``round``; states
 live in memory, so a population run is not resumable mid-way.
+
+Backends (`POPULATION_BACKENDS`) only run a round's candidates: "optuna" calls the objective in this
+process one after another; "ray" runs them in parallel as one Ray Tune run per round and passes
+states through Tune checkpoints (`searchspace.ray_population`). The driver asks all of a round's
+trials first (round k's policy depends only on rounds < k, so the draws are the same) and tells them
+in order.
 """
 from __future__ import annotations
 
+import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 from optuna.trial import TrialState
 
@@ -21,9 +29,33 @@ from .sampler import RewardGuidedSampler
 from .search import PRUNERS, SearchError, checked_reward, enqueue_baselines, open_study
 from .space import SearchSpace, load
 
-__all__ = ["PopulationResult", "run_population"]
+__all__ = ["PopulationResult", "run_population", "run_candidate", "POPULATION_BACKENDS"]
 
 PopulationObjective = Callable[[MarginSpec, Any], "tuple[float, Any]"]
+Outcome = tuple[float | None, Any, str | None]  # (reward, end state, None) or (None, None, fail reason)
+RoundRunner = Callable[[Sequence[MarginSpec], Any, int], Iterable[Outcome]]  # (specs, start state, round) → outcomes
+
+
+def run_candidate(objective: PopulationObjective, spec: MarginSpec, start_state: Any) -> Outcome:
+    """One candidate: (finite reward, end state, None), or (None, None, reason) on TrialFailed or a NaN/inf reward."""
+    try:
+        reward, end_state = objective(spec, start_state)
+        return checked_reward(reward), end_state, None
+    except TrialFailed as exc:
+        return None, None, exc.reason
+
+
+@contextmanager
+def _in_process(objective: PopulationObjective, **_ray_options: Any) -> Iterator[RoundRunner]:
+    """The "optuna" backend: candidates run here, one after another (the Ray options do not apply)."""
+    yield lambda specs, state, _round: (run_candidate(objective, spec, state) for spec in specs)
+
+
+def _ray_rounds(objective: PopulationObjective, **options: Any) -> ContextManager[RoundRunner]:
+    return importlib.import_module("searchspace.ray_population").ray_rounds(objective, **options)
+
+
+POPULATION_BACKENDS: dict[str, Callable[..., ContextManager[RoundRunner]]] = {"optuna": _in_process, "ray": _ray_rounds}
 
 
 @dataclass
@@ -40,13 +72,20 @@ def run_population(space: SearchSpace | str, population_objective: PopulationObj
                    population: int = 8, sampler: RewardGuidedSampler | None = None, seed: int | None = 0,
                    storage: Any = None, study_name: str = "marginsearch-population",
                    baselines: Sequence[str | MarginSpec] | str = (),
-                   callbacks: Sequence[Callable[[TrialRow], Any]] = ()) -> PopulationResult:
+                   callbacks: Sequence[Callable[[TrialRow], Any]] = (), backend: str = "optuna",
+                   ray_address: str | None = None, resources_per_trial: Mapping[str, float] | None = None,
+                   max_concurrent: int | None = None, ray_dir: str | None = None) -> PopulationResult:
     """Run `rounds` rounds of `population` candidates; each starts from the previous round's best state.
 
     Baselines are enqueued and take the first slots of round 0 (their rewards normalise that round;
     the policy learns only from drawn candidates). A candidate raising TrialFailed (or returning a
     non-finite reward) is FAIL with `fail_reason`; if a whole round fails the state carries over unchanged.
+    `backend="ray"` trains each round's candidates in parallel Ray Tune trials (Ray started locally
+    unless `ray_address` or already running; `resources_per_trial` {"cpu", "gpu"}, `max_concurrent`,
+    Tune results and checkpoints under `ray_dir`); the objective must then be picklable.
     """
+    if backend not in POPULATION_BACKENDS:
+        raise SearchError(f"unknown backend {backend!r}; choose one of {', '.join(POPULATION_BACKENDS)}")
     if rounds < 1 or population < 1:
         raise SearchError(f"rounds and population must be ≥ 1, got {rounds} and {population}")
     space = load(space)
@@ -60,33 +99,36 @@ def run_population(space: SearchSpace | str, population_objective: PopulationObj
     state: Any = None
     rewards_per_round: list[list[float | None]] = []
     best_per_round: list[TrialRow | None] = []
-    for k in range(rounds):
-        scored: list[tuple[float | None, Any, TrialRow]] = []
-        for _ in range(population):
-            trial = study.ask()
-            trial.set_user_attr(ROUND, k)
-            spec = space.to_spec(space.suggest(trial))
-            trial.set_user_attr("spec", spec.to_dict())
-            try:
-                reward, end_state = population_objective(spec, state)
-                reward = checked_reward(reward)
-            except TrialFailed as exc:
-                trial.set_user_attr(FAIL_REASON, exc.reason)
-                frozen = study.tell(trial, state=TrialState.FAIL)
-                reward, end_state = None, None
+    runner = POPULATION_BACKENDS[backend](
+        population_objective, study_name=study_name, ray_address=ray_address, max_concurrent=max_concurrent,
+        resources_per_trial=dict(resources_per_trial or {"cpu": 1, "gpu": 0}), ray_dir=ray_dir)
+    with runner as run_round:
+        for k in range(rounds):
+            trials, specs = [], []
+            for _ in range(population):
+                trial = study.ask()
+                trial.set_user_attr(ROUND, k)
+                specs.append(space.to_spec(space.suggest(trial)))
+                trial.set_user_attr("spec", specs[-1].to_dict())
+                trials.append(trial)
+            scored: list[tuple[float | None, Any, TrialRow]] = []
+            for trial, (reward, end_state, reason) in zip(trials, run_round(specs, state, k), strict=True):
+                if reason is not None:
+                    trial.set_user_attr(FAIL_REASON, reason)
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                else:
+                    frozen = study.tell(trial, reward)
+                row = row_of(frozen, space)
+                scored.append((reward, end_state, row))
+                for cb in callbacks:
+                    cb(row)
+            done = [s for s in scored if s[0] is not None]
+            rewards_per_round.append([s[0] for s in scored])
+            if done:
+                _, state, best_row = max(done, key=lambda s: s[0])
+                best_per_round.append(best_row)
             else:
-                frozen = study.tell(trial, reward)
-            row = row_of(frozen, space)
-            scored.append((reward, end_state, row))
-            for cb in callbacks:
-                cb(row)
-        done = [s for s in scored if s[0] is not None]
-        rewards_per_round.append([s[0] for s in scored])
-        if done:
-            _, state, best_row = max(done, key=lambda s: s[0])
-            best_per_round.append(best_row)
-        else:
-            best_per_round.append(None)
-    return PopulationResult(rows_of(study, space), "optuna-population", study_name,
+                best_per_round.append(None)
+    return PopulationResult(rows_of(study, space), f"{backend}-population", study_name,
                             None if storage is None else str(storage), study, rewards_per_round, best_per_round,
                             sampler.trajectory(study), state)
