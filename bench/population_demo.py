@@ -62,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="optuna", choices=("optuna", "ray"), help="candidates in this process or as Ray Tune trials")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()
     budget = budget_from("proxy", epochs=args.rounds, seed=args.seed, **(TINY if args.preset == "tiny" else {}))
     objective = PopulationObjective(f"synthetic:{args.preset}", budget)
     result = run_population(args.space, objective, rounds=args.rounds, population=args.population, seed=args.seed,
+                            backend=args.backend,
                             callbacks=[lambda row: print(f"round {row.round} trial {row.number}: {row.reward}",
                                                          file=sys.stderr)])
     result.print()
