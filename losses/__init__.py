@@ -7,6 +7,7 @@ from .auxiliary import (AUXILIARY, CenterLoss, DistributionDistillationLoss, Int
 from .head import MarginSoftmax, target_logit_curve
 from .named import NAMED, NamedLoss, identify, named
 from .objective import WithAuxiliary
+from .sharded import ShardedMarginSoftmax
 from .spec import (GUARDS, NEGATIVE_RULES, AdaFaceMargin, AngularMargin, ElasticMargin, KappaMargin,
                    MagFaceMargin, MarginSpec, NegativeTransform, PiecewiseLinear, ProbabilityModulation,
                    RandomModulation, SpecError, SphereFacePsi)
@@ -14,7 +15,7 @@ from .spec import (GUARDS, NEGATIVE_RULES, AdaFaceMargin, AngularMargin, Elastic
 __all__ = [
     "AUXILIARY", "CenterLoss", "DistributionDistillationLoss", "IntraLoss", "RangeLoss", "build_auxiliary",
     "WithAuxiliary",
-    "MarginSoftmax", "target_logit_curve", "NAMED", "NamedLoss", "identify", "named", "GUARDS",
+    "MarginSoftmax", "ShardedMarginSoftmax", "target_logit_curve", "NAMED", "NamedLoss", "identify", "named", "GUARDS",
     "NEGATIVE_RULES", "AdaFaceMargin", "AngularMargin", "ElasticMargin", "KappaMargin", "MagFaceMargin",
     "MarginSpec", "NegativeTransform", "PiecewiseLinear", "ProbabilityModulation", "RandomModulation",
     "SpecError", "SphereFacePsi",

@@ -1,0 +1,269 @@
+"""`ShardedMarginSoftmax`: the margin head with its class centres split across processes (model parallel).
+
+Each rank of the process group owns the contiguous classes [⌊C·r/W⌋, ⌊C·(r+1)/W⌋) as its
+`weight`, as in Partial FC's model-parallel head (An et al., arXiv 2010.05222). One forward on
+every rank's local batch: the unit embeddings and labels are all-gathered (the embeddings'
+gradient is summed over the ranks and sliced back in backward), each rank computes the cosines
+of the global batch against its shard, the target cosine comes from the owning rank (all-reduce
+of a row value that is zero elsewhere), the log-sum-exp of the negatives is reduced across ranks
+(max, then sum of exponentials), and every rank returns the same mean loss over the global batch.
+
+Gradients are those of that one loss: every rank must call `backward` on it (the embedding
+gather all-reduces in backward); a rank's embeddings get the gradient of the global loss
+w.r.t. its rows, its shard the gradient w.r.t. its classes. DDP's averaging of the backbone
+gradients then divides them by W, as for any loss that is a mean over the global batch.
+
+Randomness (ElasticFace's per-sample margins, Random-Softmax's factor) is drawn on rank 0 from
+torch's default generator in the full head's order and broadcast, so the step equals a
+single-process `MarginSoftmax` on the concatenated batch seeded like rank 0. Running statistics
+(CurricularFace's t, SphereFace's step, AdaFace's norm statistics) use the global batch and stay
+equal on every rank. Not supported yet: KappaFace, MagFace, a learnable scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import transforms as T
+from .chunked import inverse_norms
+from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
+                   ProbabilityModulation, RandomModulation, SpecError, SphereFacePsi)
+
+__all__ = ["ShardedMarginSoftmax", "shard_bounds"]
+
+# Spec features whose exact split across ranks is not written yet: (name, test on the spec).
+UNSUPPORTED: tuple[tuple[str, Callable[[MarginSpec], bool]], ...] = (
+    ("KappaFace class margins", lambda spec: spec.class_margin is not None),
+    ("MagFace sample margins", lambda spec: isinstance(spec.sample_margin, MagFaceMargin)),
+    ("a learnable scale", lambda spec: spec.learnable_scale),
+)
+
+
+def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of the classes rank `rank` of `world_size` owns: ⌊C·r/W⌋ to ⌊C·(r+1)/W⌋."""
+    return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+
+
+def _gather_rows(tensor: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, list[int]]:
+    """(the ranks' tensors concatenated along dim 0, rows per rank); local row counts may differ."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather rows forward; backward sums the global gradient over the ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        gathered, sizes = _gather_rows(tensor, group)
+        rank = dist.get_rank(group)
+        ctx.group, ctx.lo, ctx.hi = group, sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[ctx.lo: ctx.hi], None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce SUM of a value every rank computes the same loss from; backward keeps the gradient local.
+
+    For values that are zero on all ranks but one (the owner's target cosine), the gradient
+    reaches exactly the owner's term.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _DistributedLogSumExp(torch.autograd.Function):
+    """Row log-sum-exp over the classes of every rank from local logits [N, C_r] (−inf allowed): max, then sum of exp."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        row_max = z.max(dim=1).values if z.shape[1] else z.new_full((z.shape[0],), -math.inf)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.exp(z - row_max[:, None]).sum(dim=1)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        lse = row_max + torch.log(sums)
+        ctx.save_for_backward(z, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, lse = ctx.saved_tensors   # d lse_i / d z_ij = softmax_ij over all classes; exp(−inf) = 0
+        return grad[:, None] * torch.exp(z - lse[:, None]), None
+
+
+def _broadcast_draw(draw: Callable[[], Tensor], group: dist.ProcessGroup | None) -> Tensor:
+    """`draw()` on every rank (generators advance alike); the group's first rank's values are kept everywhere."""
+    value = draw().contiguous()
+    dist.broadcast(value, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return value
+
+
+class ShardedMarginSoftmax(nn.Module):
+    """Margin-softmax loss (any supported `MarginSpec`) with the class centres split across the ranks of `group`.
+
+    `weight` [hi − lo, embedding_size] holds this rank's classes (`bounds` = (lo, hi)); needs an
+    initialised process group and num_classes ≥ world size. `forward` is collective.
+    """
+
+    def __init__(self, spec: MarginSpec, embedding_size: int, num_classes: int, *,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        if not isinstance(spec, MarginSpec):
+            raise TypeError(f"spec must be a MarginSpec, got {type(spec).__name__}")
+        for feature, present in UNSUPPORTED:
+            if present(spec):
+                raise SpecError(f"sharded head does not support {feature} yet")
+        if embedding_size < 1 or num_classes < 2:
+            raise ValueError(f"need embedding_size ≥ 1 and num_classes ≥ 2, got {embedding_size}, {num_classes}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("sharded head needs an initialised torch.distributed process group")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_classes < world:
+            raise ValueError(f"sharded head needs num_classes ≥ world size, got {num_classes} < {world}")
+        self.spec, self.group = spec, group
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.bounds = shard_bounds(num_classes, world, rank)
+        self.weight = nn.Parameter(torch.empty(self.bounds[1] - self.bounds[0], embedding_size).normal_(0.0, 0.01))
+        self.register_buffer("scale", torch.tensor(float(spec.s)), persistent=False)
+        target, neg = spec.target, spec.negative
+        if isinstance(target, SphereFacePsi):
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if isinstance(target, PiecewiseLinear):
+            self.register_buffer("slopes", torch.tensor(target.slopes, dtype=torch.float64), persistent=False)
+            self.register_buffer("intercepts", torch.tensor(target.intercepts, dtype=torch.float64), persistent=False)
+        if isinstance(spec.modulation, ProbabilityModulation):
+            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a, dtype=torch.float64), persistent=False)
+        if neg is not None and neg.rule == "curricular":
+            self.register_buffer("curricular_t", torch.tensor(float(neg.t)))
+        if isinstance(spec.sample_margin, AdaFaceMargin):
+            self.register_buffer("norm_mean", torch.tensor(20.0))
+            self.register_buffer("norm_std", torch.tensor(100.0))
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"classes=[{self.bounds[0]}, {self.bounds[1]}), spec={self.spec}")
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean loss over the global batch from this rank's un-normalised embeddings [B_r, D] and labels [B_r]."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {list(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an integer tensor of shape [{embeddings.shape[0]}], "
+                             f"got {labels.dtype} {list(labels.shape)}")
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
+        x, w = embeddings.to(dtype), self.weight.to(dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            local_norms = x.norm(dim=1)
+            x_unit = _GatherRows.apply(x / local_norms.clamp_min(1e-12)[:, None], self.group)
+            norms, _ = _gather_rows(local_norms.detach(), self.group)
+            labels, _ = _gather_rows(labels.long(), self.group)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+            lo, hi = self.bounds
+            owned = (labels >= lo) & (labels < hi)
+            rows = owned.nonzero().squeeze(1)
+            cols = labels.index_select(0, rows) - lo
+            inv = inverse_norms(w)
+            cos = (x_unit @ w.t()) * inv                      # [N, C_r] against this rank's classes
+            own_cos_y = torch.zeros_like(norms).index_put((rows,), cos[rows, cols].clamp(-1.0, 1.0))
+            cos_y = _SumOverRanks.apply(own_cos_y, self.group)
+            if self.training:
+                self._update_statistics(norms, cos_y.detach())
+            target_fn = self._target_fn(labels, norms, cos_y)
+            neg = self.spec.negative
+            scale = self.scale.to(dtype)
+            if neg is not None:
+                t = self.curricular_t if neg.rule == "curricular" else neg.t
+                with torch.no_grad():
+                    threshold = target_fn(cos_y.detach())
+                cos = torch.where(cos > threshold[:, None], T.NEGATIVE_RULE_FNS[neg.rule](cos, t), cos)
+            target_cells = torch.zeros_like(cos, dtype=torch.bool)
+            target_cells[rows, cols] = True
+            lse_neg = _DistributedLogSumExp.apply((cos * scale).masked_fill(target_cells, -math.inf), self.group)
+            z_y = scale * target_fn(cos_y)
+            a = self._modulation_a(scale)
+            if a is not None:
+                with torch.no_grad():
+                    p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
+                z_y = z_y - T.probability_shift(p, a)
+            return (torch.logaddexp(lse_neg, z_y) - z_y).mean()
+
+    def end_epoch(self) -> None:
+        """Epoch hook of the head interface: no supported point keeps per-epoch class statistics."""
+
+    @torch.no_grad()
+    def _update_statistics(self, norms: Tensor, cos_y: Tensor) -> None:
+        neg, sm = self.spec.negative, self.spec.sample_margin
+        if neg is not None and neg.rule == "curricular":
+            self.curricular_t.mul_(1.0 - neg.momentum).add_(neg.momentum * cos_y.mean().to(self.curricular_t.dtype))
+        if isinstance(sm, AdaFaceMargin) and norms.numel() >= 2:
+            safe = norms.clamp(0.001, 100.0)
+            self.norm_mean.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.mean().to(self.norm_mean.dtype))
+            self.norm_std.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.std().to(self.norm_std.dtype))
+
+    def _target_fn(self, labels: Tensor, norms: Tensor, like: Tensor) -> Callable[[Tensor], Tensor]:
+        """f: cos θ_y [N] → transformed target cosine [N]; steps SphereFace's λ and draws ElasticFace's margins once."""
+        target = self.spec.target
+        if isinstance(target, SphereFacePsi):
+            lam = T.sphereface_lambda(int(self.step), target.base, target.gamma, target.power, target.lambda_min)
+            if self.training:
+                self.step.add_(1)
+            return lambda cos_y: T.sphereface_target(cos_y, target.m, lam)
+        if isinstance(target, PiecewiseLinear):
+            slopes, intercepts = self.slopes.to(like.dtype), self.intercepts.to(like.dtype)
+            return lambda cos_y: T.piecewise_target(cos_y, slopes, intercepts)
+        assert isinstance(target, AngularMargin)
+        m2: Tensor | float = target.m2_rad
+        m3: Tensor | float = target.m3_cos
+        sm = self.spec.sample_margin
+        if isinstance(sm, ElasticMargin):
+            n = like.shape[0]
+            noise = (_broadcast_draw(lambda: torch.randn(n, device=like.device, dtype=torch.float32), self.group)
+                     .to(like.dtype) if self.training else like.new_zeros(n))
+            if sm.on == "angular":
+                m2 = m2 + sm.sigma * noise
+            else:
+                m3 = m3 + sm.sigma * noise
+        elif isinstance(sm, AdaFaceMargin):
+            d2, d3 = T.adaface_offsets(norms, self.norm_mean.to(like.dtype), self.norm_std.to(like.dtype), sm.m, sm.h)
+            m2, m3 = m2 + d2, m3 + d3
+        return lambda cos_y: T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through)
+
+    def _modulation_a(self, scale: Tensor) -> Tensor | None:
+        """The modulating factor(s) a of this step (one value, or one per bin of p), or None."""
+        mod = self.spec.modulation
+        if isinstance(mod, ProbabilityModulation):
+            return self.modulation_a.to(scale.dtype)
+        if isinstance(mod, RandomModulation):
+            if self.training:
+                draw = _broadcast_draw(lambda: torch.randn((), device=scale.device, dtype=torch.float32), self.group)
+                x = mod.sigma * draw.abs().to(scale.dtype)
+            else:
+                x = scale.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
+            return (-x * torch.exp(scale.detach() / 3.0)).reshape(1)
+        return None
