@@ -35,6 +35,36 @@ from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, M
 __all__ = ["MarginSoftmax", "target_logit_curve"]
 
 
+def register_spec_buffers(module: nn.Module, spec: MarginSpec, num_classes: int, embedding_size: int) -> None:
+    """The buffers a spec's components need: running state (saved in state_dict) and tabulated constants (not saved)."""
+    target, neg = spec.target, spec.negative
+    if isinstance(target, SphereFacePsi):
+        module.register_buffer("step", torch.zeros((), dtype=torch.long))
+    if isinstance(target, PiecewiseLinear):
+        module.register_buffer("slopes", torch.tensor(target.slopes, dtype=torch.float64), persistent=False)
+        module.register_buffer("intercepts", torch.tensor(target.intercepts, dtype=torch.float64), persistent=False)
+    if isinstance(spec.modulation, ProbabilityModulation):
+        module.register_buffer("modulation_a", torch.tensor(spec.modulation.a, dtype=torch.float64), persistent=False)
+    if neg is not None and neg.rule == "curricular":
+        module.register_buffer("curricular_t", torch.tensor(float(neg.t)))
+    if spec.class_margin is not None:
+        module.register_buffer("kappa_psi", torch.ones(num_classes))
+        module.register_buffer("kappa_feature_sum", torch.zeros(num_classes, embedding_size))
+        module.register_buffer("kappa_count", torch.zeros(num_classes))
+    if isinstance(spec.sample_margin, AdaFaceMargin):
+        module.register_buffer("norm_mean", torch.tensor(20.0))
+        module.register_buffer("norm_std", torch.tensor(100.0))
+
+
+def margin_loss(z_y: Tensor, lse_neg: Tensor, a: Tensor | None) -> Tensor:
+    """Mean −log p_m from the scaled target logit and the negatives' log-sum-exp; a modulating factor a shifts the target (arXiv 2007.06542 Eq. 8)."""
+    if a is not None:
+        with torch.no_grad():
+            p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
+        z_y = z_y - T.probability_shift(p, a)
+    return (torch.logaddexp(lse_neg, z_y) - z_y).mean()
+
+
 class MarginSoftmax(nn.Module):
     """Cross-entropy on margin-transformed cosine logits for any `MarginSpec` (arXiv 2007.06542).
 
@@ -64,23 +94,7 @@ class MarginSoftmax(nn.Module):
             self.scale = nn.Parameter(torch.tensor(float(spec.s)))
         else:
             self.register_buffer("scale", torch.tensor(float(spec.s)), persistent=False)
-        target, neg = spec.target, spec.negative
-        if isinstance(target, SphereFacePsi):
-            self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        if isinstance(target, PiecewiseLinear):
-            self.register_buffer("slopes", torch.tensor(target.slopes, dtype=torch.float64), persistent=False)
-            self.register_buffer("intercepts", torch.tensor(target.intercepts, dtype=torch.float64), persistent=False)
-        if isinstance(spec.modulation, ProbabilityModulation):
-            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a, dtype=torch.float64), persistent=False)
-        if neg is not None and neg.rule == "curricular":
-            self.register_buffer("curricular_t", torch.tensor(float(neg.t)))
-        if spec.class_margin is not None:
-            self.register_buffer("kappa_psi", torch.ones(num_classes))
-            self.register_buffer("kappa_feature_sum", torch.zeros(num_classes, embedding_size))
-            self.register_buffer("kappa_count", torch.zeros(num_classes))
-        if isinstance(spec.sample_margin, AdaFaceMargin):
-            self.register_buffer("norm_mean", torch.tensor(20.0))
-            self.register_buffer("norm_std", torch.tensor(100.0))
+        register_spec_buffers(self, spec, num_classes, embedding_size)
 
     def extra_repr(self) -> str:
         options = "".join([f", class_chunk={self.class_chunk}" if self.class_chunk is not None else "",
@@ -114,12 +128,7 @@ class MarginSoftmax(nn.Module):
             scale = self.scale.to(x.dtype)
             lse_neg, cos_y = negative_logsumexp(x_unit, w, local, scale, threshold, rule, t, self.class_chunk)
             z_y = scale * target_fn(cos_y)
-            a = self._modulation_a(scale)
-            if a is not None:
-                with torch.no_grad():
-                    p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
-                z_y = z_y - T.probability_shift(p, a)
-            return (torch.logaddexp(lse_neg, z_y) - z_y).mean() + extra
+            return margin_loss(z_y, lse_neg, self._modulation_a(scale)) + extra
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Final scaled logits [B, C] over all classes: `F.cross_entropy(logits, labels)` is the loss when the spec adds no regulariser."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import transforms as T
 from .chunked import inverse_norms
+from .head import margin_loss, register_spec_buffers
 from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
                    ProbabilityModulation, RandomModulation, SpecError, SphereFacePsi)
 
@@ -150,19 +151,7 @@ class ShardedMarginSoftmax(nn.Module):
         self.bounds = shard_bounds(num_classes, world, rank)
         self.weight = nn.Parameter(torch.empty(self.bounds[1] - self.bounds[0], embedding_size).normal_(0.0, 0.01))
         self.register_buffer("scale", torch.tensor(float(spec.s)), persistent=False)
-        target, neg = spec.target, spec.negative
-        if isinstance(target, SphereFacePsi):
-            self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        if isinstance(target, PiecewiseLinear):
-            self.register_buffer("slopes", torch.tensor(target.slopes, dtype=torch.float64), persistent=False)
-            self.register_buffer("intercepts", torch.tensor(target.intercepts, dtype=torch.float64), persistent=False)
-        if isinstance(spec.modulation, ProbabilityModulation):
-            self.register_buffer("modulation_a", torch.tensor(spec.modulation.a, dtype=torch.float64), persistent=False)
-        if neg is not None and neg.rule == "curricular":
-            self.register_buffer("curricular_t", torch.tensor(float(neg.t)))
-        if isinstance(spec.sample_margin, AdaFaceMargin):
-            self.register_buffer("norm_mean", torch.tensor(20.0))
-            self.register_buffer("norm_std", torch.tensor(100.0))
+        register_spec_buffers(self, spec, num_classes, embedding_size)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -206,12 +195,7 @@ class ShardedMarginSoftmax(nn.Module):
             target_cells[rows, cols] = True
             lse_neg = _DistributedLogSumExp.apply((cos * scale).masked_fill(target_cells, -math.inf), self.group)
             z_y = scale * target_fn(cos_y)
-            a = self._modulation_a(scale)
-            if a is not None:
-                with torch.no_grad():
-                    p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
-                z_y = z_y - T.probability_shift(p, a)
-            return (torch.logaddexp(lse_neg, z_y) - z_y).mean()
+            return margin_loss(z_y, lse_neg, self._modulation_a(scale))
 
     def end_epoch(self) -> None:
         """Epoch hook of the head interface: no supported point keeps per-epoch class statistics."""
