@@ -3,7 +3,7 @@
     python bench/update_readme.py            # README.md in place
 
 A block `<!-- BEGIN docs/x.md -->` … `<!-- END docs/x.md -->` is replaced by the current text of
-docs/x.md; a missing file leaves its block as it is and is reported.
+docs/x.md without its HTML comments, its headings as bold lines; a missing file leaves its block as it is and is reported.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMENT = re.compile(r"\n?<!--.*?-->\n?", re.S)  # raw data kept in a result file (e.g. every run) stays out of the README
+HEADING = re.compile(r"^#+ +(.+)$", re.M)  # an included file's headings become bold lines: the README keeps its outline
 BLOCK = re.compile(r"(<!-- BEGIN (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- END (?P=path) -->)", re.S)
 
 
@@ -24,7 +26,8 @@ def update(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
         if not source.is_file():
             missing.append(m.group("path"))
             return m.group(0)
-        return m.group(1) + source.read_text().rstrip() + "\n" + m.group(4)
+        body = HEADING.sub(r"**\1**", COMMENT.sub("\n", source.read_text()))
+        return m.group(1) + body.rstrip() + "\n" + m.group(4)
 
     return BLOCK.sub(refresh, text), missing
 
