@@ -65,6 +65,44 @@ def margin_loss(z_y: Tensor, lse_neg: Tensor, a: Tensor | None) -> Tensor:
     return (torch.logaddexp(lse_neg, z_y) - z_y).mean()
 
 
+def add_sample_margins(head: nn.Module, m2: Tensor | float, m3: Tensor | float, norms: Tensor, like: Tensor,
+                       draw: Callable[[], Tensor]) -> tuple[Tensor | float, Tensor | float, Tensor]:
+    """m2 (radians) and m3 (cosine units) plus the spec's per-sample margins, and MagFace's regulariser (else 0).
+
+    ElasticFace (arXiv 2109.09416) perturbs them by sigma·`draw()` in training (its mean, 0, in eval);
+    AdaFace (arXiv 2204.00964) shifts them by the feature norm against the head's running norm
+    statistics; MagFace (arXiv 2103.06627) adds a norm-dependent angular margin.
+    """
+    sm, extra = head.spec.sample_margin, like.new_zeros(())
+    if isinstance(sm, ElasticMargin):
+        noise = draw().to(like.dtype) if head.training else like.new_zeros(like.shape[0])
+        if sm.on == "angular":
+            m2 = m2 + sm.sigma * noise
+        else:
+            m3 = m3 + sm.sigma * noise
+    elif isinstance(sm, AdaFaceMargin):
+        d2, d3 = T.adaface_offsets(norms, head.norm_mean.to(like.dtype), head.norm_std.to(like.dtype), sm.m, sm.h)
+        m2, m3 = m2 + d2, m3 + d3
+    elif isinstance(sm, MagFaceMargin):
+        m2 = m2 + T.magface_margin(norms, sm.l_a, sm.u_a, sm.l_m, sm.u_m)
+        extra = sm.lambda_g * T.magface_regularizer(norms, sm.l_a, sm.u_a)
+    return m2, m3, extra
+
+
+def modulation_factor(head: nn.Module, scale: Tensor, draw: Callable[[], Tensor]) -> Tensor | None:
+    """This step's modulating factor a ≤ 0 (arXiv 2007.06542): Search-Softmax's (one, or one per bin of p), Random-Softmax's −|σ·draw()|·e^{s/3} (eval: its mean), or None."""
+    mod = head.spec.modulation
+    if isinstance(mod, ProbabilityModulation):
+        return head.modulation_a.to(scale.dtype)
+    if isinstance(mod, RandomModulation):
+        if head.training:
+            x = mod.sigma * draw().abs().to(scale.dtype)
+        else:
+            x = scale.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
+        return (-x * torch.exp(scale.detach() / 3.0)).reshape(1)
+    return None
+
+
 class MarginSoftmax(nn.Module):
     """Cross-entropy on margin-transformed cosine logits for any `MarginSpec` (arXiv 2007.06542).
 
@@ -104,9 +142,7 @@ class MarginSoftmax(nn.Module):
     # ------------------------------------------------------------------ public API
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean loss over the batch from un-normalised embeddings [B, D] and labels [B]."""
-        x, w = self._compute_inputs(embeddings)
-        self._check_labels(labels, x.shape[0])
-        labels = labels.long()
+        x, w, labels = self._checked_inputs(embeddings, labels)
         with torch.autocast(device_type=x.device.type, enabled=False):
             norms = x.norm(dim=1)
             x_unit = x / norms.clamp_min(1e-12)[:, None]
@@ -158,6 +194,12 @@ class MarginSoftmax(nn.Module):
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         return embeddings.to(dtype), self.weight.to(dtype)
 
+    def _checked_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embeddings and centres in float32 or wider, and the labels as int64, after checking their shapes and range."""
+        x, w = self._compute_inputs(embeddings)
+        self._check_labels(labels, x.shape[0])
+        return x, w, labels.long()
+
     def _check_labels(self, labels: Tensor, batch: int) -> None:
         if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be an integer tensor of shape [{batch}], got {labels.dtype} {list(labels.shape)}")
@@ -165,9 +207,7 @@ class MarginSoftmax(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
 
     def _scaled_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        x, w = self._compute_inputs(embeddings)
-        self._check_labels(labels, x.shape[0])
-        labels = labels.long()
+        x, w, labels = self._checked_inputs(embeddings, labels)
         with torch.autocast(device_type=x.device.type, enabled=False):
             norms = x.norm(dim=1)
             x_unit = x / norms.clamp_min(1e-12)[:, None]
@@ -228,38 +268,16 @@ class MarginSoftmax(nn.Module):
         """(m2 radians, m3 cosine units), scalars or per sample, after class and sample adaptation."""
         m2: Tensor | float = target.m2_rad
         m3: Tensor | float = target.m3_cos
-        extra = like.new_zeros(())
         if self.spec.class_margin is not None:
             psi = self.kappa_psi.to(like.dtype)[labels]
             m2, m3 = psi * m2, psi * m3
-        sm = self.spec.sample_margin
-        if isinstance(sm, ElasticMargin):
-            noise = (torch.randn(like.shape[0], device=like.device, dtype=torch.float32).to(like.dtype)
-                     if self.training else like.new_zeros(like.shape[0]))
-            if sm.on == "angular":
-                m2 = m2 + sm.sigma * noise
-            else:
-                m3 = m3 + sm.sigma * noise
-        elif isinstance(sm, AdaFaceMargin):
-            d2, d3 = T.adaface_offsets(norms, self.norm_mean.to(like.dtype), self.norm_std.to(like.dtype), sm.m, sm.h)
-            m2, m3 = m2 + d2, m3 + d3
-        elif isinstance(sm, MagFaceMargin):
-            m2 = m2 + T.magface_margin(norms, sm.l_a, sm.u_a, sm.l_m, sm.u_m)
-            extra = sm.lambda_g * T.magface_regularizer(norms, sm.l_a, sm.u_a)
+        draw = lambda: torch.randn(like.shape[0], device=like.device, dtype=torch.float32)  # noqa: E731
+        m2, m3, extra = add_sample_margins(self, m2, m3, norms, like, draw)
         return m2, m3, extra
 
     def _modulation_a(self, scale: Tensor) -> Tensor | None:
         """The modulating factor(s) a of this step (one value, or one per bin of p), or None."""
-        mod = self.spec.modulation
-        if isinstance(mod, ProbabilityModulation):
-            return self.modulation_a.to(scale.dtype)
-        if isinstance(mod, RandomModulation):
-            if self.training:
-                x = mod.sigma * torch.randn((), device=scale.device, dtype=torch.float32).abs().to(scale.dtype)
-            else:
-                x = scale.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
-            return (-x * torch.exp(scale.detach() / 3.0)).reshape(1)
-        return None
+        return modulation_factor(self, scale, lambda: torch.randn((), device=scale.device, dtype=torch.float32))
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from . import transforms as T
 from .chunked import inverse_norms
-from .head import margin_loss, register_spec_buffers
-from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
-                   ProbabilityModulation, RandomModulation, SpecError, SphereFacePsi)
+from .head import add_sample_margins, margin_loss, modulation_factor, register_spec_buffers
+from .spec import (AdaFaceMargin, AngularMargin, MagFaceMargin, MarginSpec, PiecewiseLinear, SpecError,
+                   SphereFacePsi)
 
 __all__ = ["ShardedMarginSoftmax", "shard_bounds"]
 
@@ -224,30 +224,12 @@ class ShardedMarginSoftmax(nn.Module):
         assert isinstance(target, AngularMargin)
         m2: Tensor | float = target.m2_rad
         m3: Tensor | float = target.m3_cos
-        sm = self.spec.sample_margin
-        if isinstance(sm, ElasticMargin):
-            n = like.shape[0]
-            noise = (_broadcast_draw(lambda: torch.randn(n, device=like.device, dtype=torch.float32), self.group)
-                     .to(like.dtype) if self.training else like.new_zeros(n))
-            if sm.on == "angular":
-                m2 = m2 + sm.sigma * noise
-            else:
-                m3 = m3 + sm.sigma * noise
-        elif isinstance(sm, AdaFaceMargin):
-            d2, d3 = T.adaface_offsets(norms, self.norm_mean.to(like.dtype), self.norm_std.to(like.dtype), sm.m, sm.h)
-            m2, m3 = m2 + d2, m3 + d3
+        n = like.shape[0]  # every rank uses rank 0's ElasticFace draw
+        draw = lambda: _broadcast_draw(lambda: torch.randn(n, device=like.device, dtype=torch.float32), self.group)  # noqa: E731
+        m2, m3, _ = add_sample_margins(self, m2, m3, norms, like, draw)  # MagFace (the only regulariser) is refused
         return lambda cos_y: T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through)
 
     def _modulation_a(self, scale: Tensor) -> Tensor | None:
-        """The modulating factor(s) a of this step (one value, or one per bin of p), or None."""
-        mod = self.spec.modulation
-        if isinstance(mod, ProbabilityModulation):
-            return self.modulation_a.to(scale.dtype)
-        if isinstance(mod, RandomModulation):
-            if self.training:
-                draw = _broadcast_draw(lambda: torch.randn((), device=scale.device, dtype=torch.float32), self.group)
-                x = mod.sigma * draw.abs().to(scale.dtype)
-            else:
-                x = scale.new_tensor(mod.sigma * math.sqrt(2.0 / math.pi))  # E|N(0, sigma)|
-            return (-x * torch.exp(scale.detach() / 3.0)).reshape(1)
-        return None
+        """The modulating factor(s) a of this step, Random-Softmax's draw taken from rank 0; or None."""
+        return modulation_factor(self, scale, lambda: _broadcast_draw(
+            lambda: torch.randn((), device=scale.device, dtype=torch.float32), self.group))
