@@ -3,7 +3,8 @@
     python bench/update_readme.py            # README.md in place
 
 A block `<!-- BEGIN docs/x.md -->` … `<!-- END docs/x.md -->` is replaced by the current text of
-docs/x.md without its HTML comments, its headings as bold lines; a missing file leaves its block as it is and is reported.
+docs/x.md without its HTML comments, its headings as bold lines and its image links made relative to
+the README; a missing file leaves its block as it is and is reported.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMMENT = re.compile(r"\n?<!--.*?-->\n?", re.S)  # raw data kept in a result file (e.g. every run) stays out of the README
 HEADING = re.compile(r"^#+ +(.+)$", re.M)  # an included file's headings become bold lines: the README keeps its outline
+IMAGE = re.compile(r"(!\[[^\]]*\]\()(?!https?://|/)([^)]+\))")  # relative to the included file → to the README
 BLOCK = re.compile(r"(<!-- BEGIN (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- END (?P=path) -->)", re.S)
 
 
@@ -27,6 +29,8 @@ def update(text: str, root: Path = ROOT) -> tuple[str, list[str]]:
             missing.append(m.group("path"))
             return m.group(0)
         body = HEADING.sub(r"**\1**", COMMENT.sub("\n", source.read_text()))
+        folder = source.parent.relative_to(root).as_posix()
+        body = IMAGE.sub(lambda i: f"{i.group(1)}{folder}/{i.group(2)}", body)
         return m.group(1) + body.rstrip() + "\n" + m.group(4)
 
     return BLOCK.sub(refresh, text), missing
