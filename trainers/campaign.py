@@ -34,13 +34,10 @@ from .config import CampaignConfig, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
-from .tracking import TAG, CampaignTracker, check_tracking_uri, fault_point, resolve_tracking_uri
+from .tracking import TAG, CampaignTracker, check_tracking_uri, fault_point, figure_files, resolve_tracking_uri
 from .train import train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
-
-PHASES = ("search", "promote", "done")
-
 
 def spec_key(spec: MarginSpec) -> str:
     """A short stable hash of a spec: the identity of a trial's MLflow run within a campaign."""
@@ -159,8 +156,8 @@ def _campaign_runs(tracker: CampaignTracker, name: str) -> list[Any]:
     return tracker.runs({f"tags.`{TAG}kind`": "search", f"tags.`{TAG}campaign`": name})
 
 
-def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, log: Callable[[str], None]) -> tuple[str, str, str]:
-    """(campaign key, parent run id, phase): the newest unfinished campaign of this name, or the next one."""
+def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, log: Callable[[str], None]) -> tuple[str, str]:
+    """(campaign key, parent run id): the newest unfinished campaign of this name, or the next one."""
     name = config.campaign.name
     runs = _campaign_runs(tracker, name)
     latest = runs[0] if runs else None
@@ -175,8 +172,7 @@ def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, 
     artifacts = {"campaign.toml": config_to_toml(config), "space.toml": _space_text(config.search.space)}
     parent = tracker.start_search(key, config.to_dict(), {f"{TAG}campaign": name, f"{TAG}data": config.data.train},
                                   artifacts, resume_key=key)
-    phase = tracker.client.get_run(parent).data.tags.get(f"{TAG}phase", "search")
-    return key, parent, phase
+    return key, parent
 
 
 def _space_text(space: str) -> str:
@@ -225,7 +221,7 @@ def _row_line(row: TrialRow) -> str:
     return f"  trial {row.number:>3} {what:<14} {row.state:<8} {reward} {row.reason}".rstrip()
 
 
-def _search_figures(result: SearchResult, config: CampaignConfig) -> dict[str, Any]:
+def _search_figures(result: SearchResult) -> dict[str, Any]:
     from . import figures
 
     out = {"search_history": figures.search_history(result.rows, f"search {result.study_name}")}
@@ -370,14 +366,14 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     check_tracking_uri(uri)
     _check_inputs(config)                     # fail fast on bad input before any store is touched
     tracker = CampaignTracker(uri, config.experiment)
-    key, parent, phase = _open_campaign(config, tracker, new, log)
+    key, parent = _open_campaign(config, tracker, new, log)
     closed = tracker.close_abandoned(parent, "its process stopped before ending the run (campaign resumed)")
     if closed:
         log(f"marked {len(closed)} run(s) left RUNNING by a stopped process as KILLED")
     result = _search(config, tracker, key, parent, log) if "search" in phases else None
     if result is None:
         result = _read_search(config, key)
-    figures = _search_figures(result, config)
+    figures = _search_figures(result)
     tracker.log_files(parent, {"search_results.md": result.to_markdown()})
     tracker.set_tags(parent, {f"{TAG}phase": "promote"})
     metric = f"test/{config.promote.metric}"
@@ -401,14 +397,8 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
                            {"best_proxy_reward": (result.best.reward if result.best else math.nan),
                             "best_promoted_" + metric: best})
     else:
-        tracker.log_files(parent, {f"figures/{k}.png": v for k, v in _pngs(figures).items()})
+        tracker.log_files(parent, figure_files(figures))
     return campaign
-
-
-def _pngs(figures: dict[str, Any]) -> dict[str, bytes]:
-    from .tracking import _png
-
-    return {k: _png(v) for k, v in figures.items()}
 
 
 def _read_search(config: CampaignConfig, key: str) -> SearchResult:

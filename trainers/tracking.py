@@ -143,6 +143,12 @@ def _png(figure: Any) -> bytes:
     return buf.getvalue()
 
 
+def figure_files(figures: Mapping[str, Any]) -> dict[str, bytes]:
+    """Artifact files figures/<name>.png of matplotlib Figures (or PNG bytes), for `log_files`."""
+    return {f"figures/{name if name.endswith('.png') else name + '.png'}": _png(figure)
+            for name, figure in figures.items()}
+
+
 def target_logit_png(spec: MarginSpec, label: str) -> bytes:
     """A small PNG of the spec's target-logit curve over ArcFace and CosFace (matplotlib Agg, no pyplot state)."""
     from matplotlib.figure import Figure
@@ -345,10 +351,7 @@ class CampaignTracker:
     def end_search(self, parent_run_id: str, table_markdown: str, figures: Mapping[str, Any],
                    metrics: Mapping[str, float]) -> None:
         """Log the results table (results.md), figures (figures/<name>.png) and final metrics; end FINISHED."""
-        files: dict[str, str | bytes] = {"results.md": table_markdown}
-        for name, figure in figures.items():
-            files[f"figures/{name if name.endswith('.png') else name + '.png'}"] = _png(figure)
-        self.log_files(parent_run_id, files)
+        self.log_files(parent_run_id, {"results.md": table_markdown, **figure_files(figures)})
         _log_metrics(self.client, parent_run_id, metrics, 0)
         self.client.set_terminated(parent_run_id, "FINISHED")
 
