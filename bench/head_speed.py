@@ -5,8 +5,9 @@ an insightface-style ArcFace written here from the formula (normalise W, linear,
 in with a one-hot over B×C, cross-entropy), pytorch-metric-learning's `ArcFaceLoss` when it is
 installed (margin in degrees: 28.6° = 0.5 rad), and `MarginSoftmax` on named points, full,
 class-chunked and with Partial FC. Each round runs every column once in turn (so the machine's
-load hits them alike); a column's time is its median over rounds after warm-up, its ratio the
-median of its per-round ratios to plain.
+load hits them alike); a column's time is its median over rounds after warm-up, each ratio the
+median of its per-round ratios: to plain linear + CE, to the same point in full mode (chunked and
+Partial FC columns) and the insightface-style column's time over this column's (the speed-up).
 
 Peak memory: on CPU, the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over the resident set before one step, the gradient of W included
@@ -97,8 +98,10 @@ def build_columns(batch: int, classes: int, dim: int, args: argparse.Namespace,
         columns[name] = head_column(name)
     for name in args.chunked:
         columns[f"{name} chunk={args.chunk}"] = head_column(name, class_chunk=args.chunk)
+        columns[f"{name} chunk={args.chunk}"].full_mode = name  # type: ignore[attr-defined]
     for name in args.partial:
         columns[f"{name} partial-fc r={args.rate}"] = head_column(name, sample_rate=args.rate)
+        columns[f"{name} partial-fc r={args.rate}"].full_mode = name  # type: ignore[attr-defined]
     return columns, notes
 
 
@@ -137,8 +140,8 @@ def peak_memory_mib(run: Callable[[], None], device: torch.device) -> float:
 
 
 def measure(columns: dict[str, Callable[[], None]], rounds: int, warmup: int,
-            device: torch.device) -> dict[str, tuple[float, float]]:
-    """Per column: (median seconds, median ratio to the first column), rounds interleaved."""
+            device: torch.device) -> dict[str, list[float]]:
+    """Per column its seconds per round, rounds interleaved (every column once per round)."""
     times: dict[str, list[float]] = {name: [] for name in columns}
     for r in range(warmup + rounds):
         for name, run in columns.items():
@@ -151,9 +154,28 @@ def measure(columns: dict[str, Callable[[], None]], rounds: int, warmup: int,
                 torch.cuda.synchronize(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    base = times[next(iter(columns))]
-    return {name: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
-            for name, ts in times.items()}
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of the per-round ratio of column `name` to column `base` (NaN if `base` was not run)."""
+    if base not in times:
+        return float("nan")
+    return statistics.median(t / b for t, b in zip(times[name], times[base]))
+
+
+def table_rows(columns: dict[str, Callable[[], None]], times: dict[str, list[float]],
+               memory: dict[str, float]) -> list[str]:
+    """One markdown row per column: ms, × linear + CE, × the same point in full mode, insightface-style ÷ this, peak MiB."""
+    reference = "insightface-style arcface"
+    rows = []
+    for name, run in columns.items():
+        full = getattr(run, "full_mode", None)
+        vs_full = f"{median_ratio(times, name, full):.2f}" if full in times else ""
+        faster = f"{median_ratio(times, reference, name):.1f}" if name not in ("linear + CE", reference) else ""
+        rows.append(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
+                    f"{median_ratio(times, name, 'linear + CE'):.2f} | {vs_full} | {faster} | {memory[name]:.0f} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--points", nargs="*", default=POINTS)
     parser.add_argument("--chunked", nargs="*", default=["arcface", "curricularface"])
-    parser.add_argument("--chunk", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, default=4096, help="class_chunk of the chunked columns")
     parser.add_argument("--partial", nargs="*", default=["arcface"])
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -189,20 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Head speed: forward + backward", "",
              f"Command: `.venv/bin/python bench/head_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
              "", f"Machine: {machine}. D = {args.dim}; median of {args.rounds} interleaved rounds after "
-             f"{args.warmup} warm-up; ratio = median per-round time / linear + CE. Peak memory: {memory_kind}.", ""]
+             f"{args.warmup} warm-up; a ratio is the median of per-round ratios: × linear + CE (the floor), × full "
+             f"mode (a chunked or Partial FC column against the same point without the option) and "
+             f"insightface-style ÷ this (the speed-up over the reference). Peak memory: {memory_kind}.", ""]
     all_notes: list[str] = []
     for batch in batches:
         for num_classes in classes:
             columns, notes = build_columns(batch, num_classes, args.dim, args, device)
             all_notes += [n for n in notes if n not in all_notes]
-            result = measure(columns, args.rounds, args.warmup, device)
+            times = measure(columns, args.rounds, args.warmup, device)
             memory = {name: peak_memory_mib(run, device) for name, run in columns.items()}
             lines += [f"## B = {batch}, C = {num_classes:,}", "",
-                      "| column | ms | × linear + CE | peak MiB |", "|---|---:|---:|---:|"]
-            lines += [f"| {name} | {sec * 1e3:.1f} | {ratio:.2f} | {memory[name]:.0f} |"
-                      for name, (sec, ratio) in result.items()]
-            lines.append("")
-            print("\n".join(lines[-(len(result) + 4):]), flush=True)
+                      "| column | ms | × linear + CE | × full mode | insightface-style ÷ this | peak MiB |",
+                      "|---|---:|---:|---:|---:|---:|", *table_rows(columns, times, memory), ""]
+            print("\n".join(lines[-(len(columns) + 4):]), flush=True)
     lines += [f"Note: {n}" for n in all_notes]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

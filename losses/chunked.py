@@ -8,6 +8,9 @@ Inside, cosines are `(x_unit @ W.t()) · (1/‖W_j‖)`: the class centres are n
 normalised matrix. With `chunk=None` the [B, C] cosines are kept for the backward (one matmul
 fewer); with `chunk=N` only N classes are live at a time, forward (online log-sum-exp) and
 backward (the chunk's cosines recomputed), so the extra memory is O(B·N) besides the gradient of W.
+On CPU both modes work in blocks of about 2^18 logits (`block_classes`) so that the elementwise
+passes (scale, re-weighting, exp, sums) run in cache instead of streaming [B, C] through memory
+once per pass; the full mode keeps every block's logits, so its memory is unchanged.
 The negatives' cosines are not clamped to [−1, 1] (they leave it by rounding only, and g is a
 polynomial); the target cosine is, with clamp's gradient. First-order gradients only.
 """
@@ -18,9 +21,11 @@ from torch import Tensor
 
 from . import transforms as T
 
-__all__ = ["NORM_EPS", "inverse_norms", "target_cosines", "negative_logsumexp"]
+__all__ = ["NORM_EPS", "block_classes", "inverse_norms", "target_cosines", "negative_logsumexp"]
 
 NORM_EPS = 1e-12  # as F.normalize
+BLOCK_ELEMENTS = 1 << 18  # logits per block of work on CPU: 1 MiB of float32, resident in a core's cache
+MIN_BLOCK = 256           # fewest classes per block (large batches)
 
 
 def inverse_norms(weight: Tensor) -> Tensor:
@@ -40,6 +45,11 @@ def _target_cells(labels: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     return rows, labels.index_select(0, rows) - lo
 
 
+def _hard(cos: Tensor, threshold: Tensor) -> Tensor:
+    """1.0 where cos θ_ij > the row's threshold (a mis-classified negative), else 0.0, as a float mask."""
+    return torch.gt(cos, threshold[:, None], out=torch.empty_like(cos))
+
+
 def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, labels: Tensor,
                   threshold: Tensor | None, rule: str | None, t: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
     """(negative logits z [B, hi − lo] with −inf in the target cells, unclamped cosines or None without a rule).
@@ -53,10 +63,16 @@ def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, la
         z, cos = product.mul_(inv[lo:hi] * scale), None
     else:
         cos = product.mul_(inv[lo:hi])
-        z = T.NEGATIVE_RULE_FNS[rule](cos, t)
-        z = torch.where(cos > threshold[:, None], z, cos, out=z).mul_(scale)
+        z = torch.addcmul(cos, _hard(cos, threshold), T.NEGATIVE_RULE_DELTAS[rule](cos, t)).mul_(scale)
     z.index_put_((rows, cols), z.new_full((), -float("inf")))
     return z, cos
+
+
+def block_classes(batch: int, num_classes: int, device: torch.device) -> int:
+    """Classes per block of work: [B, N] float32 blocks of about `BLOCK_ELEMENTS` on CPU (cache-resident), all C on other devices."""
+    if device.type != "cpu":
+        return num_classes
+    return max(MIN_BLOCK, BLOCK_ELEMENTS // max(1, batch))
 
 
 class _NegativeLogSumExp(torch.autograd.Function):
@@ -64,24 +80,28 @@ class _NegativeLogSumExp(torch.autograd.Function):
     def forward(ctx, x_unit: Tensor, weight: Tensor, scale: Tensor, labels: Tensor, threshold: Tensor | None,
                 rule: str | None, t: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
         num_classes = weight.shape[0]
-        step = num_classes if chunk is None else chunk
+        step = min(chunk or num_classes, block_classes(x_unit.shape[0], num_classes, x_unit.device))
         inv = inverse_norms(weight)
         cos_y_raw = (x_unit * weight.index_select(0, labels)).sum(1) * inv.index_select(0, labels)
         lse = x_unit.new_full((x_unit.shape[0],), -float("inf"))
-        kept: tuple[Tensor | None, Tensor | None] = (None, None)
+        kept_z: list[Tensor] = []
+        kept_cos: list[Tensor] = []
         for lo in range(0, num_classes, step):
             hi = min(num_classes, lo + step)
             z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
-            if chunk is None:
-                kept = (z, cos)
-        ctx.save_for_backward(x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept)
-        ctx.rule, ctx.step = rule, step
+            if chunk is None:  # full mode: keep each block for the backward instead of recomputing it
+                kept_z.append(z)
+                if cos is not None:
+                    kept_cos.append(cos)
+        ctx.save_for_backward(x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept_z, *kept_cos)
+        ctx.rule, ctx.step, ctx.kept = rule, step, len(kept_z)
         return lse, cos_y_raw.clamp(-1.0, 1.0)
 
     @staticmethod
     def backward(ctx, g_lse: Tensor, g_cos_y: Tensor):
-        x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, kept_z, kept_cos = ctx.saved_tensors
+        x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept = ctx.saved_tensors
+        kept_z, kept_cos = kept[:ctx.kept], kept[ctx.kept:]
         num_classes, step, rule = weight.shape[0], ctx.step, ctx.rule
         need_x, need_w, need_s = ctx.needs_input_grad[:3]
         g_x = torch.zeros_like(x_unit) if need_x else None
@@ -94,10 +114,10 @@ class _NegativeLogSumExp(torch.autograd.Function):
         norm_coef = -(inv * inv) * (inv <= 1.0 / NORM_EPS).to(inv.dtype)
         target_sum = torch.zeros_like(inv).index_add_(0, labels, g_y * cos_y_raw)
         target_raw = g_y * inv.index_select(0, labels)  # dL/d(x_unit·W_y) of the target cells
-        for lo in range(0, num_classes, step):
+        for block, lo in enumerate(range(0, num_classes, step)):
             hi = min(num_classes, lo + step)
-            if kept_z is not None:
-                z, cos = kept_z, kept_cos
+            if kept_z:
+                z, cos = kept_z[block], (kept_cos[block] if kept_cos else None)
             else:
                 z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
             rows, cols = _target_cells(labels, lo, hi)
@@ -105,8 +125,7 @@ class _NegativeLogSumExp(torch.autograd.Function):
             if need_s:  # dz/ds = z/s on the negatives
                 g_s += (d_raw * z).index_put_((rows, cols), z.new_zeros(())).sum() / scale
             if rule is not None:  # dz/dcos = s·g'(cos) on the mis-classified cells, s elsewhere
-                slope = T.NEGATIVE_RULE_GRADS[rule](cos, t)
-                d_raw.mul_(torch.where(cos > threshold[:, None], slope, slope.new_ones(()), out=slope))
+                d_raw.mul_(torch.addcmul(cos.new_ones(()), _hard(cos, threshold), T.NEGATIVE_RULE_DELTA_GRADS[rule](cos, t)))
             d_raw.mul_(inv[lo:hi] * scale)   # dL/d(x_unit·W_j)
             d_raw.index_put_((rows, cols), target_raw.index_select(0, rows))
             if need_x:

@@ -13,7 +13,8 @@ from torch import Tensor
 
 __all__ = [
     "ANGLE_EPS", "angle", "angular_target", "sphereface_target", "sphereface_lambda", "chebyshev",
-    "piecewise_target", "NEGATIVE_RULE_FNS", "NEGATIVE_RULE_GRADS", "transform_negatives", "insert_target",
+    "piecewise_target", "NEGATIVE_RULE_FNS", "NEGATIVE_RULE_DELTAS",
+    "NEGATIVE_RULE_DELTA_GRADS", "transform_negatives", "insert_target",
     "modulation_shift", "probability_shift", "kappa_psi", "adaface_offsets", "magface_margin", "magface_regularizer",
 ]
 
@@ -102,11 +103,18 @@ NEGATIVE_RULE_FNS: dict[str, Callable[[Tensor, Tensor | float], Tensor]] = {
     "curricular": lambda cos, t: cos * (t + cos),        # CurricularFace (arXiv 2004.00288)
 }
 
-# dg/dcos of each rule (t carries no gradient), for hand-written backwards (losses.chunked).
-NEGATIVE_RULE_GRADS: dict[str, Callable[[Tensor, Tensor | float], Tensor]] = {
-    "mv-fixed": lambda cos, t: torch.ones_like(cos),
-    "mv-adaptive": lambda cos, t: torch.ones_like(cos) * (t + 1.0),
-    "curricular": lambda cos, t: 2.0 * cos + t,
+# The same rules as increments over the plain cosine, δ = g − cos, and their slopes δ' = dg/dcos − 1
+# (t carries no gradient): losses.chunked writes g = cos + hard·δ with a float 0/1 mask `hard`,
+# which is several times faster on CPU than torch.where over a bool mask.
+NEGATIVE_RULE_DELTAS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mv-fixed": lambda cos, t: t,
+    "mv-adaptive": lambda cos, t: (cos + 1.0).mul_(t),
+    "curricular": lambda cos, t: (cos + (t - 1.0)).mul_(cos),
+}
+NEGATIVE_RULE_DELTA_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mv-fixed": lambda cos, t: t.new_zeros(()),
+    "mv-adaptive": lambda cos, t: t,
+    "curricular": lambda cos, t: (2.0 * cos).add_(t - 1.0),
 }
 
 

@@ -131,18 +131,36 @@ def _autocast(device: torch.device, budget: Budget):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if budget.amp == "bf16" else torch.float16)
 
 
+def _stage_images(images: Tensor, device: torch.device) -> Tensor:
+    """Where batches are cut from: the uint8 images moved to the GPU once when they take under a quarter of its free memory, else host memory."""
+    if device.type == "cuda" and images.numel() * images.element_size() < torch.cuda.mem_get_info(device)[0] // 4:
+        return images.to(device)
+    return images
+
+
+def _batch_images(images: Tensor, idx: Tensor, device: torch.device) -> Tensor:
+    """The uint8 batch `images[idx]` on `device`: cut there when the images live there, else cut on the host, pinned, copied asynchronously."""
+    if images.device == device:
+        return images[idx.to(device)]
+    batch = images[idx]
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 Auxiliary = Mapping[str, tuple[float, Mapping[str, Any]]]
 
 
 class _Objective(nn.Module):
     """Backbone and loss in one module, so one DDP wrapper syncs both (the head's centres included)."""
 
-    def __init__(self, model: EmbeddingModel, loss: nn.Module) -> None:
+    def __init__(self, model: EmbeddingModel, loss: nn.Module, embed: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.model, self.loss = model, loss
+        self.embed = embed or model.backbone   # a torch.compile'd backbone.forward (Budget.compile), or the backbone
 
     def forward(self, x: Tensor, labels: Tensor, hard: Tensor | None = None) -> Tensor:
-        embeddings = self.model.backbone(x)
+        embeddings = self.embed(x)
         if isinstance(self.loss, WithAuxiliary):
             return self.loss(embeddings, labels, **({} if hard is None else {"hard": hard}))
         return self.loss(embeddings, labels)
@@ -218,7 +236,9 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         terms = {name: (float(w), build_auxiliary(name, data.num_classes, budget.embedding_size, **dict(params)))
                  for name, (w, params) in auxiliary.items()}
         loss_module = WithAuxiliary(head, terms).to(device)
-    objective = _Objective(model, loss_module)
+    # compile the backbone's forward only: the head's checks and autograd Function stay eager, and the
+    # returned model is the plain module (export and judging never see a compiled graph)
+    objective = _Objective(model, loss_module, torch.compile(backbone.forward) if budget.compile else None)
     optimizer = _optimizer(model, head, budget)
     steps_per_epoch = max(1, len(data.labels) // budget.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(budget, steps_per_epoch))
@@ -232,7 +252,7 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         step_fn = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                                       broadcast_buffers=False)  # buffers: synced per epoch below
 
-    images, labels = data.images, data.labels.to(device)
+    images, labels = _stage_images(data.images, device), data.labels.to(device)
     hard = data.hard.to(device) if data.hard is not None and auxiliary else None
     bar = _progress(progress and rank == 0, budget.epochs, len(history), data.name)
     status, reason = "complete", ""
@@ -243,7 +263,7 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         for idx in _batches(len(labels), budget.batch_size, g):
             flip = torch.rand(len(idx), generator=g) < 0.5  # drawn for the whole batch on every rank
             idx, flip = idx[rank::world], flip[rank::world]
-            x = to_float_images(images[idx], size).to(device, non_blocking=True)
+            x = to_float_images(_batch_images(images, idx, device), size)
             if budget.flip:
                 x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
             x = x.contiguous(memory_format=torch.channels_last)

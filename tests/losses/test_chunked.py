@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from losses import NAMED, MarginSoftmax, MarginSpec, named
+from losses import chunked
 from losses.chunked import negative_logsumexp
 
 B, D, C = 9, 6, 11
@@ -72,6 +73,19 @@ def test_chunked_equals_full_float32_many_classes(name):
         torch.testing.assert_close(gc, gf, rtol=1e-4, atol=1e-5 * float(gf.abs().max()))
 
 
+@pytest.mark.parametrize("name", list(NAMED))
+def test_full_head_in_blocks_equals_one_block(name, monkeypatch):
+    """The full mode keeps each CPU block's logits; split into blocks of 3 classes it matches one block (float64)."""
+    x, w, y = _batch(torch.float64)
+    one, blocked = _pair(named(name), w, None, torch.float64)
+    loss_1, grads_1 = _step(one, x, y)
+    _small_blocks(monkeypatch, 3)
+    loss_b, grads_b = _step(blocked, x, y)
+    torch.testing.assert_close(loss_b, loss_1, rtol=1e-12, atol=1e-12)
+    for gb, g1 in zip(grads_b, grads_1):
+        torch.testing.assert_close(gb, g1, rtol=1e-10, atol=1e-12)
+
+
 def test_learnable_scale_gradient_matches_full():
     x, w, y = _batch(torch.float64)
     full, chunked = _pair(MarginSpec(s=10.0, learnable_scale=True), w, 3, torch.float64)
@@ -81,10 +95,20 @@ def test_learnable_scale_gradient_matches_full():
     torch.testing.assert_close(grads_c[2], grads_f[2], rtol=1e-10, atol=1e-12)
 
 
+def _small_blocks(monkeypatch, classes: int) -> None:
+    """CPU blocks of `classes` classes for a batch of B: several blocks even at C = 11."""
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", classes * B)
+    monkeypatch.setattr(chunked, "MIN_BLOCK", 1)
+
+
 @pytest.mark.parametrize("rule, t", [(None, 0.0), ("mv-fixed", 0.2), ("mv-adaptive", 0.2), ("curricular", 0.3)])
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_negative_logsumexp_against_autograd_reference(rule, t, chunk):
+@pytest.mark.parametrize("block", [None, 4], ids=["one-block", "blocks-of-4"])
+def test_negative_logsumexp_against_autograd_reference(rule, t, chunk, block, monkeypatch):
     """Value vs log Σ_{j≠y} e^{s·g} written with autograd; gradient by gradcheck (x, W, s)."""
+    if block is not None:
+        _small_blocks(monkeypatch, block)
+        assert chunked.block_classes(B, C, torch.device("cpu")) == block
     x, w, y = _batch(torch.float64, seed=2)
     xu = F.normalize(x, dim=1).requires_grad_()
     w = w.requires_grad_()

@@ -107,3 +107,27 @@ def test_auxiliary_terms_train_and_resume_with_their_state(tiny, tmp_path):
 def test_unknown_auxiliary_term_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="unknown auxiliary loss 'centre'"):
         train(named("cosface"), tiny, _budget(epochs=1), auxiliary={"centre": (0.1, {})})
+
+
+def test_compiled_backbone_trains_and_returns_the_plain_module(tiny):
+    """Budget.compile compiles the backbone's forward for the steps only; the result is an ordinary module."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    eager = train(named("cosface"), tiny, _budget(epochs=1))
+    compiled = train(named("cosface"), tiny, _budget(epochs=1, compile=True))
+    assert compiled.status == "complete"
+    assert "_compiled_call_impl" not in vars(compiled.model.backbone) or compiled.model.backbone._compiled_call_impl is None
+    assert not any(k.startswith("_orig_mod") for k in compiled.model.state_dict())
+    # same seed, same data order: the compiled graph computes the same function up to float reassociation
+    for a, b in zip(compiled.model.state_dict().values(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_batches_cut_on_the_host_equal_indexing():
+    from trainers.train import _batch_images, _stage_images
+    images = torch.randint(0, 255, (10, 3, 4, 4), dtype=torch.uint8)
+    idx = torch.tensor([3, 1, 7])
+    staged = _stage_images(images, torch.device("cpu"))
+    assert staged is images
+    torch.testing.assert_close(_batch_images(staged, idx, torch.device("cpu")), images[idx])
