@@ -30,6 +30,7 @@ class Budget:
     grad_clip: float | None = 5.0        # max gradient norm; None: off
     amp: str = "bf16"                    # CUDA only: "bf16", "fp16" or "off"; CPU always runs float32
     compile: bool = False                # torch.compile the backbone's forward (needs a C++ compiler on CPU)
+    head_parallel: bool = False          # under torchrun: split the class centres across the ranks (model parallel)
     flip: bool = True                    # random horizontal flip
     seed: int = 0
     eval_pairs: int = 3000               # positive and negative pairs each for 10-fold verification

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses import MarginSoftmax, MarginSpec, WithAuxiliary, build_auxiliary
+from losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
@@ -131,6 +131,33 @@ def _autocast(device: torch.device, budget: Budget):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if budget.amp == "bf16" else torch.float16)
 
 
+def parallel_embedding(backbone: nn.Module, device: torch.device,
+                       compiled: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+    """The backbone wrapped in DDP alone (for a head sharded across the ranks), as a function; `compiled` compiles the wrapper."""
+    ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+    return (torch.compile(ddp) if compiled is not None else ddp).__call__
+
+
+def _clip_gradients(objective: nn.Module, max_norm: float, sharded: bool) -> None:
+    """Clip by the norm of the whole gradient; under a sharded head it adds up every rank's shard, so all ranks scale alike."""
+    if not sharded:
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
+        return
+    norm = torch.nn.utils.get_total_norm
+    backbone = [p.grad for p in objective.model.parameters() if p.grad is not None]
+    shard = [p.grad for p in objective.loss.parameters() if p.grad is not None]
+    shard_sq = norm(shard) ** 2 if shard else torch.zeros((), device=backbone[0].device)
+    torch.distributed.all_reduce(shard_sq)
+    total = torch.sqrt(norm(backbone) ** 2 + shard_sq)
+    torch.nn.utils.clip_grads_with_norm_(list(objective.parameters()), max_norm, total)
+
+
+def rank_checkpoint(path: Path, rank: int) -> Path:
+    """Rank r's checkpoint file under a sharded head: `path` on rank 0, `<stem>.rank<r><suffix>` beside it otherwise."""
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 def _stage_images(images: Tensor, device: torch.device) -> Tensor:
     """Where batches are cut from: the uint8 images moved to the GPU once when they take under a quarter of its free memory, else host memory."""
     if device.type == "cuda" and images.numel() * images.element_size() < torch.cuda.mem_get_info(device)[0] // 4:
@@ -154,13 +181,19 @@ Auxiliary = Mapping[str, tuple[float, Mapping[str, Any]]]
 class _Objective(nn.Module):
     """Backbone and loss in one module, so one DDP wrapper syncs both (the head's centres included)."""
 
-    def __init__(self, model: EmbeddingModel, loss: nn.Module, embed: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, model: EmbeddingModel, loss: nn.Module, embed: Callable[[Tensor], Tensor] | None = None,
+                 embedding_grad_scale: float = 1.0) -> None:
         super().__init__()
         self.model, self.loss = model, loss
-        self.embed = embed or model.backbone   # a torch.compile'd backbone.forward (Budget.compile), or the backbone
+        # None: call the backbone; else a compiled forward or a DDP-wrapped backbone's __call__ (a function,
+        # so the backbone is not registered twice)
+        self.embed_fn = embed
+        self.embedding_grad_scale = embedding_grad_scale
 
     def forward(self, x: Tensor, labels: Tensor, hard: Tensor | None = None) -> Tensor:
-        embeddings = self.embed(x)
+        embeddings = self.model.backbone(x) if self.embed_fn is None else self.embed_fn(x)
+        if self.embedding_grad_scale != 1.0 and embeddings.requires_grad:
+            embeddings.register_hook(lambda g: g * self.embedding_grad_scale)
         if isinstance(self.loss, WithAuxiliary):
             return self.loss(embeddings, labels, **({} if hard is None else {"hard": hard}))
         return self.loss(embeddings, labels)
@@ -215,7 +248,10 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
     ends the run with status "diverged". With `checkpoint`, state is saved after each epoch and
     a run resumes from it, to the same weights as an uninterrupted run on CPU. Under torchrun
     (an initialised process group) each rank trains on its share of every batch through DDP;
-    rank 0 judges, calls `on_epoch` and writes the checkpoint.
+    rank 0 judges, calls `on_epoch` and writes the checkpoint. With `budget.head_parallel` the
+    class centres are split across the ranks instead (`losses.ShardedMarginSoftmax`): DDP syncs the
+    backbone only, every rank writes its own checkpoint (`rank_checkpoint`), and the returned head
+    is the rank's shard.
     """
     rank, world = _world()
     if device is None:
@@ -230,7 +266,11 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
     torch.manual_seed(budget.seed)
     backbone = build_backbone(budget.backbone, budget.embedding_size, (size, size))
     model = EmbeddingModel(backbone).to(device).to(memory_format=torch.channels_last)  # CPU too: ~15% faster
-    head = MarginSoftmax(spec, budget.embedding_size, data.num_classes).to(device)
+    sharded = budget.head_parallel and world > 1
+    if sharded and auxiliary:
+        raise ValueError("budget: head_parallel does not take auxiliary terms (their class centres are not sharded)")
+    head_type = ShardedMarginSoftmax if sharded else MarginSoftmax
+    head = head_type(spec, budget.embedding_size, data.num_classes).to(device)
     loss_module: nn.Module = head
     if auxiliary:
         terms = {name: (float(w), build_auxiliary(name, data.num_classes, budget.embedding_size, **dict(params)))
@@ -238,17 +278,22 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         loss_module = WithAuxiliary(head, terms).to(device)
     # compile the backbone's forward only: the head's checks and autograd Function stay eager, and the
     # returned model is the plain module (export and judging never see a compiled graph)
-    objective = _Objective(model, loss_module, torch.compile(backbone.forward) if budget.compile else None)
+    embed = torch.compile(backbone.forward) if budget.compile else None
+    if sharded:  # DDP syncs the backbone only; each rank keeps its own shard of the centres
+        embed = parallel_embedding(backbone, device, embed)
+    objective = _Objective(model, loss_module, embed, embedding_grad_scale=world if sharded else 1.0)
     optimizer = _optimizer(model, head, budget)
     steps_per_epoch = max(1, len(data.labels) // budget.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(budget, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and budget.amp == "fp16")
     history: list[EpochReport] = []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and sharded:
+        ckpt_path = rank_checkpoint(ckpt_path, rank)  # every rank saves its shard and its optimizer state
     if ckpt_path is not None and ckpt_path.exists():
         history = _load_checkpoint(ckpt_path, spec, budget, device, loss_module, backbone, optimizer, scheduler)
     step_fn: nn.Module = objective
-    if world > 1:
+    if world > 1 and not sharded:
         step_fn = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                                       broadcast_buffers=False)  # buffers: synced per epoch below
 
@@ -277,7 +322,7 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
             scaler.scale(loss).backward()
             if budget.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), budget.grad_clip)
+                _clip_gradients(objective, budget.grad_clip, sharded)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -295,7 +340,7 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
                                  reward=metrics[budget.reward_metric], seconds=time.perf_counter() - t0,
                                  images_per_second=seen * world / max(train_seconds, 1e-9))
             history.append(report)
-            if ckpt_path is not None:
+            if ckpt_path is not None and not sharded:
                 _save_checkpoint(ckpt_path, spec, budget, backbone, loss_module, optimizer, scheduler, history)
             if bar is not None:
                 bar.update(1)
@@ -304,6 +349,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         else:
             history.append(EpochReport(epoch + 1, loss_sum / max(seen, 1), {}, math.nan, time.perf_counter() - t0,
                                        seen * world / max(train_seconds, 1e-9)))
+        if ckpt_path is not None and sharded:
+            _save_checkpoint(ckpt_path, spec, budget, backbone, loss_module, optimizer, scheduler, history)
         if _any_rank(stop, world, device):
             status, reason = "stopped", f"stopped by callback after epoch {epoch + 1}"
             break
