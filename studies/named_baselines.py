@@ -1,16 +1,16 @@
 """Study 1, named baselines: every named loss of the seeds at its defaults, full budget, ≥ 3 seeds, judged on test.
 
-    python studies/named_baselines.py                  # bench preset, 11 losses × seeds 0 1 2, full budget
-    python studies/named_baselines.py --preset demo    # the same on the smaller demo preset
+    python studies/named_baselines.py                  # demo preset, 11 losses × seeds 0 1 2, full budget
+    python studies/named_baselines.py --preset bench   # the larger bench preset (about 6 h on 2 cores, estimated)
     python studies/named_baselines.py --reduced        # tiny preset, 2 epochs, seed 0 (CI, ~15 s)
 
 Reports test TAR@FAR=1e-3 and 1e-4 (all pairs of the test identities), insightface 10-fold
 accuracy, hard-pair accuracy (the judge's `hard_accuracy`) and rank-1 of the long-tail bucket
 (held-out images of the rarest third of training identities), each as mean ± std over seeds.
 
-Estimated full run time (an estimate, scaled from the measured ~500 images/s of the tiny backbone
-at 32×32 on 2 cores, ~220 images/s at 48×48): bench preset ≈ 45k training images × 12 epochs ≈
-40 min per run, 33 runs ≈ 22 h; demo preset ≈ 3 min per run, 33 runs ≈ 1.7 h.
+Run time, measured on 2 cores: demo preset ≈ 50 s per run alone, 33 runs ≈ 30 min (50 min beside
+another job). The bench preset has ~5.6× the training images at 2.25× the pixels: ≈ 11 min per
+run, ≈ 6 h (an estimate from that ratio).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Study 2, does the search pay: three searches of the `unified` space at equal proxy compute, each best promoted, against the best named loss.
 
-    python studies/search_pays.py                      # bench preset, search seeds 0 1 2
-    python studies/search_pays.py --preset demo --trials 16 --proxy-epochs 2 --population 8
+    python studies/search_pays.py                      # demo preset, search seeds 0 1 2
+    python studies/search_pays.py --preset bench --trials 16 --proxy-epochs 2 --population 8
     python studies/search_pays.py --reduced            # tiny preset, 2 proxy epochs per search, seed 0 (CI)
 
 Methods, each given the same number of proxy epochs (trials × proxy epochs = rounds × population):
@@ -14,11 +14,9 @@ proxy epochs; their runs (trials, promoted models, registry) land in the MLflow 
 `study-search-pays`. The best named loss comes from study 1's runs.json beside this folder when it
 was run with the same preset and epochs, else `--baselines` are trained here on the same seeds.
 
-Estimated full run time (an estimate from ~220 images/s at 48×48 on 2 cores): bench preset, proxy
-= 500 identities (~11k images) × 2 epochs ≈ 100 s per trial, 32 proxy epochs ≈ 27 min per search,
-plus one full training (≈ 40 min) per search: 3 methods × 3 seeds ≈ 10 h, + 2 h if the baselines
-are trained here. Demo preset (all 500 identities, ~8k images at 32×32): ≈ 9 min per search +
-3 min per promotion ≈ 1.8 h.
+Run time, measured on 2 cores: demo preset, 3 methods × 3 seeds with cosface, arcface and
+combined trained here as baselines: 32 min (with study 1's runs.json the baselines are reused).
+The bench preset has ~13× the compute per epoch: about 6–7 h (an estimate from that ratio).
 """
 from __future__ import annotations
 
