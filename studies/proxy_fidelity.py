@@ -1,7 +1,7 @@
 """Study 3, proxy fidelity: does the proxy reward rank specs of the `unified` space as the full budget's TEST metric does, and which proxy is enough?
 
-    python studies/proxy_fidelity.py                    # bench preset, 14 specs, seeds 0 1, proxies 1x500 2x500 4x500 2x0
-    python studies/proxy_fidelity.py --preset demo --proxies 1 2 4
+    python studies/proxy_fidelity.py                    # demo preset, 12 specs, seeds 0 1, proxies 1 2 4 (epochs, all identities)
+    python studies/proxy_fidelity.py --proxies 1x250 2x250 2  # proxies on the first 250 identities too
     python studies/proxy_fidelity.py --reduced          # tiny preset, 3 specs, proxies of 1 and 2 epochs (CI)
 
 Specs: the named losses of study 1 that the space holds (at most two thirds), then draws of `space.suggest` on a seeded
@@ -12,9 +12,9 @@ and targets averaged over seeds), and the reward's seed noise next to the spread
 (mean over specs of the std across seeds ÷ std across specs: small is good). The full budget's own
 validation reward is the reference row. "Enough" is the cheapest proxy with ρ ≥ --enough.
 
-Estimated full run time (an estimate from ~220 images/s at 48×48 and ~500 at 32×32 on 2 cores):
-bench preset ≈ 55 min per spec and seed (proxies ≈ 170k images, full ≈ 540k) → 14 specs × 2 seeds
-≈ 25 h; demo preset with `--proxies 1 2 4` ≈ 5 min per spec and seed → ≈ 2.5 h.
+Run time, measured on 2 cores: demo preset ≈ 72 s per spec and seed (7 proxy epochs and one
+12-epoch training), 12 specs × 2 seeds ≈ 30 min alone (37 min partly beside another job). The
+bench preset ≈ 13× that per epoch: about 6–7 h (an estimate).
 """
 from __future__ import annotations
 

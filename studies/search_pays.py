@@ -36,7 +36,6 @@ from studies.common import (StudyOutput, command_line, fmt, log_runs_to_mlflow, 
 from studies.named_baselines import METRICS, best_named, train_named  # noqa: E402
 
 METHODS = ("reward-guided", "population", "tpe")
-SPACE = "unified"
 EXPERIMENT = "study-search-pays"
 
 
@@ -58,9 +57,9 @@ def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> d
     from trainers.config import load_config, override
 
     config = override(load_config(), {
-        "campaign.name": f"search-pays-{method}-s{seed}", "campaign.seed": seed,
+        "campaign.name": f"search-pays-{method}-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"), "campaign.seed": seed,
         "campaign.workdir": str(Path(args.out).resolve() / "work"), "data.train": mode.source,
-        "search.space": SPACE, "search.sampler": method, "search.pruner": "none", "search.trials": args.trials,
+        "search.space": args.space, "search.sampler": method, "search.pruner": "none", "search.trials": args.trials,
         "search.population": args.population, "search.baselines": [],
         **_budget_assignments("proxy", budget_from(mode.proxy, epochs=args.proxy_epochs, seed=seed)),
         **_budget_assignments("full", budget_from(mode.full, seed=seed)),
@@ -86,8 +85,8 @@ def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, An
 
     rounds = max(1, args.trials * args.proxy_epochs // args.population)
     objective = PopulationObjective(mode.source, budget_from(mode.proxy, epochs=rounds, seed=seed))
-    result = run_population(SPACE, objective, rounds, population=args.population, seed=seed,
-                            study_name=f"search-pays-population-s{seed}",
+    result = run_population(args.space, objective, rounds, population=args.population, seed=seed,
+                            study_name=f"search-pays-population-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"),
                             callbacks=[lambda row: log(f"  round {row.round} trial {row.number} {row.state} "
                                                        f"reward {row.reward}")])
     last = result.best_per_round[-1] or result.best
@@ -167,6 +166,7 @@ def verdict(runs: list[dict], base: list[dict], base_name: str, methods: list[st
 def main(argv: list[str] | None = None) -> int:
     p = study_parser(__doc__, "search_pays")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--space", default="unified", help="built-in search space (default unified; e.g. margin, search-softmax)")
     p.add_argument("--trials", type=int, default=None, help="trials per independent-mode search (default 16; reduced 2)")
     p.add_argument("--proxy-epochs", type=int, default=None, help="epochs per proxy trial (default 2; reduced 1)")
     p.add_argument("--population", type=int, default=None, help="candidates per policy round (default 8; reduced 2)")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [{**r, "row": f"{base_name} (best named)"} for r in base if r["loss"] == base_name]
     order = [f"{m} (searched)" for m in args.methods] + [f"{base_name} (best named)"]
     total = args.trials * args.proxy_epochs
-    out.add(f"Champion of each search on the test identities of `{mode.preset}` (mean ± std over search seeds "
+    out.add(f"Champion of each search of the `{args.space}` space on the test identities of `{mode.preset}` (mean ± std over search seeds "
             f"{', '.join(map(str, mode.seeds))}; {total} proxy epochs per search, full budget {mode.full.epochs} epochs)",
             summarise(rows, "row", {"proxy reward": "proxy_reward", **METRICS}, order=order))
     out.add(f"Against the best named loss ({base_name}, from {where}) on test {mode.metric}",
