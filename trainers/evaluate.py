@@ -27,23 +27,14 @@ def kfold_indices(n: int, n_folds: int) -> list[np.ndarray]:
     return [np.arange(e - s, e) for s, e in zip(sizes, ends)]
 
 
-def _acc(threshold: float, dist: np.ndarray, issame: np.ndarray) -> tuple[float, float, float]:
-    """(TPR, FPR, accuracy) when pairs with distance < threshold are called 'same'."""
-    pred = dist < threshold
-    tp, fp = np.sum(pred & issame), np.sum(pred & ~issame)
-    tn, fn = np.sum(~pred & ~issame), np.sum(~pred & issame)
-    tpr = 0.0 if tp + fn == 0 else tp / (tp + fn)
-    fpr = 0.0 if fp + tn == 0 else fp / (fp + tn)
-    return float(tpr), float(fpr), float((tp + tn) / dist.size)
-
-
-def _val_far(threshold: float, dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
-    """(VAL, FAR) at `threshold`: fractions of same / different pairs called 'same'."""
-    pred = dist < threshold
-    n_same, n_diff = np.sum(issame), np.sum(~issame)
-    val = np.sum(pred & issame) / n_same if n_same else 0.0
-    far = np.sum(pred & ~issame) / n_diff if n_diff else 0.0
-    return float(val), float(far)
+def _rates(thresholds: np.ndarray, dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(TPR, FPR, accuracy) at each threshold when pairs with distance < threshold are called 'same' (0 for an empty class)."""
+    same, diff = np.sort(dist[issame]), np.sort(dist[~issame])
+    tp = np.searchsorted(same, thresholds, side="left")   # how many same-pair distances lie strictly below
+    fp = np.searchsorted(diff, thresholds, side="left")
+    tpr = tp / len(same) if len(same) else np.zeros(len(thresholds))
+    fpr = fp / len(diff) if len(diff) else np.zeros(len(thresholds))
+    return tpr, fpr, (tp + len(diff) - fp) / dist.size
 
 
 def _check_pairs(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, n_folds: int) -> None:
@@ -68,19 +59,18 @@ def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issa
     accuracy, best, val, far = (np.zeros(n_folds) for _ in range(4))
     for k, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(same)), test)
-        train_acc = np.array([_acc(t, dist[train], same[train])[2] for t in THRESHOLDS])
+        _, far_train, train_acc = _rates(THRESHOLDS, dist[train], same[train])
         i_best = int(np.argmax(train_acc))
-        for i, t in enumerate(THRESHOLDS):
-            tprs[k, i], fprs[k, i], _ = _acc(t, dist[test], same[test])
+        tprs[k], fprs[k], test_acc = _rates(THRESHOLDS, dist[test], same[test])
         best[k] = THRESHOLDS[i_best]
-        accuracy[k] = _acc(THRESHOLDS[i_best], dist[test], same[test])[2]
-        far_train = np.array([_val_far(t, dist[train], same[train])[1] for t in THRESHOLDS])
+        accuracy[k] = test_acc[i_best]
         if far_train.max() >= far_target:
             far_u, first = np.unique(far_train, return_index=True)  # the threshold where each FAR first appears
             threshold = float(np.interp(far_target, far_u, THRESHOLDS[first]))
         else:
             threshold = 0.0
-        val[k], far[k] = _val_far(threshold, dist[test], same[test])
+        val_k, far_k, _ = _rates(np.array([threshold]), dist[test], same[test])
+        val[k], far[k] = val_k[0], far_k[0]
     return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
             "fold_accuracies": accuracy, "best_thresholds": best,
             "val": float(val.mean()), "val_std": float(val.std()), "far": float(far.mean()),
@@ -116,10 +106,10 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their mean rank."""
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])   # where each run of equal values starts (and the end)
+    lo, hi = bounds[:-1], bounds[1:]
     ranks = np.empty(len(x))
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        ranks[order[lo:hi]] = 0.5 * (lo + 1 + hi)
+    ranks[order] = np.repeat(0.5 * (lo + 1 + hi), hi - lo)
     return ranks
 
 

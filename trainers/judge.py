@@ -66,7 +66,7 @@ def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int =
     metrics: dict[str, float] = {}
 
     iu, ju = np.triu_indices(len(labels), k=1)
-    scores = np.einsum("ij,ij->i", emb[iu], emb[ju]) if len(iu) < 2_000_000 else _chunked_scores(emb, iu, ju)
+    scores = _pair_scores(emb)
     same = labels[iu] == labels[ju]
     for far, tar in ev.tar_at_far(scores, same, FARS).items():
         metrics[_far_key(far)] = float(tar)
@@ -123,11 +123,15 @@ def _far_key(far: float) -> str:
     return f"tar@far={far:.0e}".replace("e-0", "e-")
 
 
-def _chunked_scores(emb: np.ndarray, iu: np.ndarray, ju: np.ndarray, chunk: int = 1_000_000) -> np.ndarray:
-    out = np.empty(len(iu))
-    for s in range(0, len(iu), chunk):
-        out[s:s + chunk] = np.einsum("ij,ij->i", emb[iu[s:s + chunk]], emb[ju[s:s + chunk]])
-    return out
+def _pair_scores(emb: np.ndarray, block_floats: int = 1 << 22) -> np.ndarray:
+    """Cosine of every pair i < j, in np.triu_indices order: row blocks of the Gram matrix (~32 MB each), upper parts kept."""
+    n = len(emb)
+    rows = max(1, block_floats // max(n, 1))
+    parts = []
+    for start in range(0, n, rows):
+        gram = emb[start:start + rows] @ emb[start:].T          # row r holds pairs (start + r, start + c)
+        parts.append(gram[np.triu(np.ones(gram.shape, dtype=bool), k=1)])
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def _model_input_size(model: nn.Module) -> int | None:

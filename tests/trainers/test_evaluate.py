@@ -178,3 +178,17 @@ def test_judge_long_tail_buckets_equal_a_hand_computed_leave_one_out():
     for name, ids in (("head", range(0, 5)), ("middle", range(5, 10)), ("tail", range(10, 15))):
         mask = np.isin(labels.numpy(), list(ids))
         assert out[f"{name}_rank1"] == pytest.approx(correct[mask].mean())
+
+
+@pytest.mark.parametrize("n, block_floats", [(1, 8), (2, 8), (57, 8), (57, 1000), (57, 1 << 22)])
+def test_pair_scores_are_every_pair_in_triu_order(n, block_floats):
+    from trainers.judge import _pair_scores
+
+    emb = np.random.default_rng(n).normal(size=(n, 6))
+    iu, ju = np.triu_indices(n, k=1)
+    np.testing.assert_allclose(_pair_scores(emb, block_floats), np.einsum("ij,ij->i", emb[iu], emb[ju]), atol=1e-12)
+
+
+def test_average_ranks_share_ties():
+    x = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0])
+    np.testing.assert_array_equal(ev._average_ranks(x), [5.0, 1.5, 5.0, 3.0, 5.0, 1.5])
