@@ -11,8 +11,9 @@ from studies import run_all
 TABLES = {
     "named_baselines": ("| loss | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 10-fold accuracy | hard-pair accuracy | tail rank-1 |",
                         ["| normface |", "| cosface |", "| arcface |"]),
-    "search_pays": ("| row | proxy reward | TAR@FAR=1e-3 |",
-                    ["| reward-guided (searched) |", "| population (searched) |", "| tpe (searched) |", "(best named) |"]),
+    "search_pays": ("| row | proxy reward | full-budget val | TAR@FAR=1e-3 |",
+                    ["| reward-guided (searched) |", "| population (searched) |", "| tpe (searched) |", "(best named) |",
+                     " at s = "]),
     "proxy_fidelity": ("| proxy | cost (× full) | Spearman ρ | Kendall τ | n | seed noise / spec spread |",
                        ["| 1 ep × all ids |", "| 2 ep × all ids |", "| full budget, val reward (reference) |"]),
     "long_tail": ("| variant | tail rank-1 | hard-sample TAR@FAR=1e-3 | TAR@FAR=1e-3 |",
@@ -55,6 +56,22 @@ def test_search_pays_compares_with_study_one_and_spends_equal_compute(results):
     last_x = {r["method"]: r["history"][-1][0] for r in blob["runs"]}
     assert len(set(last_x.values())) == 1  # every method spent the same proxy epochs
     assert blob["champion"]["spec"]["s"] > 0
+
+
+def test_search_pays_picks_on_validation_retrains_and_ablates_the_scale(results):
+    import statistics
+
+    blob = json.loads((results / "search_pays" / "runs.json").read_text())
+    for run in (r for r in blob["runs"] if r["method"] != "population"):
+        promoted = run["promoted"]
+        assert len(promoted) == 2  # --promote 2 in reduced runs: both trials' specs trained on the full budget
+        picked = max(promoted, key=lambda p: p["full_val_reward"])
+        assert run["spec"]["s"] == picked["s"]  # chosen on validation, not on test
+        assert "auc" in run and "full_val_reward" in run  # the retrained champion's own numbers
+    ablation = blob["scale_ablation"]
+    median_s = statistics.median(r["spec"]["s"] for r in blob["runs"])
+    assert [r["seed"] for r in ablation] == [0] and ablation[0]["loss"] == f"{blob['baseline']} at s = {median_s:.3g}"
+    assert blob["champion"] in blob["runs"]
 
 
 def test_every_run_is_in_the_shared_mlflow_store(results):
