@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             for column, (objective, storage) in modes(Path(tmp), sampler).items():
                 rows.append((sampler, column, time_search(objective, sampler, args.trials, storage, args.space)))
     machine = (f"torch {torch.__version__}, optuna {optuna.__version__}, {os.cpu_count()} CPUs, "
-               f"{platform.processor() or platform.machine()}; run under nice -n 19 beside other jobs")
+               f"{platform.processor() or platform.machine()}")
     command = f".venv/bin/python bench/search_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = ["# Search and tracking overhead per trial", "", f"Command: `{command.rstrip()}`", "",
              f"Machine: {machine}. Space {args.space}, {args.trials} trials per cell, no-op objective with "
              f"{REPORTS} reports. Reference: one proxy epoch of arcface on {args.source} (backbone "
              f"{budget.backbone}, batch {budget.batch_size}, {budget.identities} identities, judging included) "
-             f"took {epoch_s:.2f} s. One run per cell: on this shared machine a cell can differ by 2-3× between "
-             "runs; read the orders of magnitude.", "",
+             f"took {epoch_s:.2f} s. One run per cell: a cell can differ by 2-3× between runs (SQLite and MLflow "
+             "write to disk); read the orders of magnitude.", "",
              "| sampler | storage / tracking | ms per trial | % of one proxy epoch |", "|---|---|---:|---:|"]
     for sampler, column, ms in rows:
         lines.append(f"| {sampler} | {column} | {ms:.1f} | {100.0 * ms / 1000.0 / epoch_s:.2f} |")

@@ -1,7 +1,8 @@
 """Images/s of the proxy trainer against a bare PyTorch loop with the same model, head and data.
 
 The trainer (`trainers.train.train`, one epoch of the `tiny` backbone on `synthetic:demo`)
-reports its training throughput per epoch (judging excluded). The bare loop builds the same
+reports its training throughput per epoch (judging excluded; the judge's own time on the
+validation split, which every proxy epoch pays once, is timed beside it). The bare loop builds the same
 backbone, `MarginSoftmax` and SGD from the same seed and runs the same batches (uint8 → float,
 flips, channels_last) with nothing else: no scheduler, no gradient clipping, no finiteness
 check. Runs alternate (trainer, bare, trainer, ...) and each column reports its median.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from losses import MarginSoftmax, named  # noqa: E402
 from trainers.backbones import EmbeddingModel, build_backbone  # noqa: E402
 from trainers.budget import Budget  # noqa: E402
+from trainers.judge import judge  # noqa: E402
 from trainers.sources import training_data  # noqa: E402
 from trainers.train import TrainData, to_float_images, train  # noqa: E402
 
@@ -62,6 +64,15 @@ def bare_images_per_second(spec, data: TrainData, budget: Budget) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def judge_seconds(data: TrainData, budget: Budget) -> float:
+    """Wall seconds of one judgement of the validation split (as after each epoch), on an untrained backbone."""
+    size = budget.image_size or data.images.shape[-1]
+    model = EmbeddingModel(build_backbone(budget.backbone, budget.embedding_size, (size, size)))
+    start = time.perf_counter()
+    judge(model, data.val, budget.eval_pairs, seed=budget.seed)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="synthetic:demo")
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = training_data(args.source)
-    budget = Budget(epochs=1, backbone="tiny", eval_pairs=500)
+    budget = Budget(epochs=1, backbone="tiny")
     spec = named(args.loss)
     columns = {"trainer (trainers.train.train)": trainer_images_per_second, "bare PyTorch loop": bare_images_per_second}
     rates: dict[str, list[float]] = {name: [] for name in columns}
@@ -92,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in rates.items():
         lines.append(f"| {name} | {statistics.median(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} | "
                      f"{statistics.median(values) / bare:.2f} |")
+    judged = statistics.median(judge_seconds(data, budget) for _ in range(args.runs))
+    epoch = len(data.labels) / statistics.median(rates["trainer (trainers.train.train)"])
+    n_val = len(data.val.labels)
+    lines += ["", f"Judging the validation split after an epoch ({n_val} images, all {n_val * (n_val - 1) // 2:,} pairs "
+              f"for TAR@FAR and AUC, {budget.eval_pairs} + {budget.eval_pairs} pairs for the 10-fold accuracy) takes "
+              f"{judged:.2f} s (median of {args.runs}), {100 * judged / (judged + epoch):.0f} % of a proxy epoch "
+              f"({epoch:.2f} s of training)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
