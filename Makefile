@@ -28,12 +28,12 @@ demo: venv
 	cd out/demo && MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 ../../$(BIN)/marginsearch campaign
 
 losses: venv
-	$(BIN)/python -m losses
+	$(BIN)/python -m marginsearch.losses
 
 # The README's pictures, regenerated from code (commit the result).
 CURVES := normface cosface arcface combined sphereface mv-arc curricularface search-softmax adaface magface
 figures: venv
-	$(BIN)/python -m losses --plot docs/target_logits.png $(CURVES) > /dev/null
+	$(BIN)/python -m marginsearch.losses --plot docs/target_logits.png $(CURVES) > /dev/null
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

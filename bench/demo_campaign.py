@@ -14,18 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from losses import named  # noqa: E402
-from losses.plot import plot_target_logits  # noqa: E402
-from trainers import figures  # noqa: E402
-from trainers.campaign import run_campaign  # noqa: E402
-from trainers.config import load_config, override  # noqa: E402
+from marginsearch.losses import named  # noqa: E402
+from marginsearch.losses.plot import plot_target_logits  # noqa: E402
+from marginsearch.trainers import figures  # noqa: E402
+from marginsearch.trainers.campaign import run_campaign  # noqa: E402
+from marginsearch.trainers.config import load_config, override  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
-    from trainers.cli import parse_assignments
+    from marginsearch.trainers.cli import parse_assignments
 
     workdir = Path(args.workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)

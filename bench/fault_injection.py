@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from tests.trainers.test_faults import campaign_argv, consistency_problems, run_cli  # noqa: E402
 
@@ -37,7 +35,7 @@ def _killed_after(argv: list[str], workdir: Path, seconds: float) -> tuple[int, 
     """Run the CLI and SIGKILL it after `seconds` (if still running): (exit code, last stdout line)."""
     env = {**os.environ, "MARGINSEARCH_CACHE": str(workdir.parent / "cache"), "PYTHONPATH": str(ROOT),
            "MARGINSEARCH_FAULT": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "trainers.cli", *argv], cwd=workdir, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "marginsearch.trainers.cli", *argv], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         out, _ = proc.communicate(timeout=seconds)

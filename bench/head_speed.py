@@ -36,8 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import MarginSoftmax, named  # noqa: E402
+from marginsearch.losses import MarginSoftmax, named  # noqa: E402
 
 POINTS = ["normface", "cosface", "arcface", "mv-arc", "curricularface", "search-softmax"]
 

@@ -16,17 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch  # noqa: E402
 
-from losses import named  # noqa: E402
-from trainers.budget import budget_from  # noqa: E402
-from trainers.data.synthetic import load_synthetic  # noqa: E402
-from trainers.judge import LabelledImages, judge  # noqa: E402
-from trainers.train import TrainData, train  # noqa: E402
+from marginsearch.losses import named  # noqa: E402
+from marginsearch.trainers.budget import budget_from  # noqa: E402
+from marginsearch.trainers.data.synthetic import load_synthetic  # noqa: E402
+from marginsearch.trainers.judge import LabelledImages, judge  # noqa: E402
+from marginsearch.trainers.train import TrainData, train  # noqa: E402
 
 
 def mean_std(values: list[float]) -> str:

@@ -10,14 +10,9 @@ best) and the sampler's mean μ per parameter (normalised to [0, 1] of its range
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib  # noqa: E402
 
@@ -25,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
-from searchspace import PopulationResult, run_population  # noqa: E402
-from trainers.budget import budget_from  # noqa: E402
-from trainers.objective import PopulationObjective  # noqa: E402
+from marginsearch.searchspace import PopulationResult, run_population  # noqa: E402
+from marginsearch.trainers.budget import budget_from  # noqa: E402
+from marginsearch.trainers.objective import PopulationObjective  # noqa: E402
 
 TINY = {"batch_size": 32, "embedding_size": 32, "eval_pairs": 200, "reward_metric": "accuracy"}
 

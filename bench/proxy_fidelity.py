@@ -9,22 +9,16 @@ table (proxy and full reward per spec) and Spearman ρ / Kendall τ between the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optuna  # noqa: E402
 
-from losses import MarginSpec, identify  # noqa: E402
-from searchspace import TrialFailed, load  # noqa: E402
-from searchspace.fidelity import rank_agreement  # noqa: E402
-from trainers.budget import budget_from  # noqa: E402
-from trainers.objective import TrainingObjective  # noqa: E402
+from marginsearch.losses import MarginSpec, identify  # noqa: E402
+from marginsearch.searchspace import TrialFailed, load  # noqa: E402
+from marginsearch.searchspace.fidelity import rank_agreement  # noqa: E402
+from marginsearch.trainers.budget import budget_from  # noqa: E402
+from marginsearch.trainers.objective import TrainingObjective  # noqa: E402
 
 TINY = {"batch_size": 32, "embedding_size": 32, "eval_pairs": 200, "reward_metric": "accuracy"}  # tiny has too few pairs for TAR
 

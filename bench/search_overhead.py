@@ -23,21 +23,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import MarginSpec, named  # noqa: E402
-from searchspace.search import make_storage, run_search  # noqa: E402
-from trainers.budget import budget_from  # noqa: E402
-from trainers.campaign import spec_key  # noqa: E402
-from trainers.objective import data_for  # noqa: E402
-from trainers.tracking import TAG, CampaignTracker, target_logit_png  # noqa: E402
-from trainers.train import train  # noqa: E402
+from marginsearch.losses import MarginSpec, named  # noqa: E402
+from marginsearch.searchspace.search import make_storage, run_search  # noqa: E402
+from marginsearch.trainers.budget import budget_from  # noqa: E402
+from marginsearch.trainers.campaign import spec_key  # noqa: E402
+from marginsearch.trainers.objective import data_for  # noqa: E402
+from marginsearch.trainers.tracking import TAG, CampaignTracker, target_logit_png  # noqa: E402
+from marginsearch.trainers.train import train  # noqa: E402
 
 REPORTS = 3
 REWARD = 0.5

@@ -19,18 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import MarginSoftmax, named  # noqa: E402
-from trainers.backbones import EmbeddingModel, build_backbone  # noqa: E402
-from trainers.budget import Budget  # noqa: E402
-from trainers.judge import judge  # noqa: E402
-from trainers.sources import training_data  # noqa: E402
-from trainers.train import TrainData, to_float_images, train  # noqa: E402
+from marginsearch.losses import MarginSoftmax, named  # noqa: E402
+from marginsearch.trainers.backbones import EmbeddingModel, build_backbone  # noqa: E402
+from marginsearch.trainers.budget import Budget  # noqa: E402
+from marginsearch.trainers.judge import judge  # noqa: E402
+from marginsearch.trainers.sources import training_data  # noqa: E402
+from marginsearch.trainers.train import TrainData, to_float_images, train  # noqa: E402
 
 
 def trainer_images_per_second(spec, data: TrainData, budget: Budget) -> float:

@@ -2,15 +2,27 @@
 
 torch and numpy only. Start with `named("arcface")` or a `MarginSpec`, then `MarginSoftmax`.
 """
-from .auxiliary import (AUXILIARY, CenterLoss, DistributionDistillationLoss, IntraLoss, RangeLoss,
-                        build_auxiliary)
+from .auxiliary import AUXILIARY, CenterLoss, DistributionDistillationLoss, IntraLoss, RangeLoss, build_auxiliary
 from .head import MarginSoftmax, target_logit_curve
 from .named import NAMED, NamedLoss, identify, named
 from .objective import WithAuxiliary
 from .sharded import ShardedMarginSoftmax
-from .spec import (GUARDS, NEGATIVE_RULES, AdaFaceMargin, AngularMargin, ElasticMargin, KappaMargin,
-                   MagFaceMargin, MarginSpec, NegativeTransform, PiecewiseLinear, ProbabilityModulation,
-                   RandomModulation, SpecError, SphereFacePsi)
+from .spec import (
+                        GUARDS,
+                        NEGATIVE_RULES,
+                        AdaFaceMargin,
+                        AngularMargin,
+                        ElasticMargin,
+                        KappaMargin,
+                        MagFaceMargin,
+                        MarginSpec,
+                        NegativeTransform,
+                        PiecewiseLinear,
+                        ProbabilityModulation,
+                        RandomModulation,
+                        SpecError,
+                        SphereFacePsi,
+)
 
 __all__ = [
     "AUXILIARY", "CenterLoss", "DistributionDistillationLoss", "IntraLoss", "RangeLoss", "build_auxiliary",

@@ -1,4 +1,4 @@
-"""`python -m losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their curves."""
+"""`python -m marginsearch.losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their curves."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,7 @@ def table(markdown: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m losses", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m marginsearch.losses", description=__doc__)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--plot", metavar="FILE.png", help="write the target-logit curves of the named points")
     parser.add_argument("names", nargs="*", help="named points to plot (default: all)")

@@ -29,8 +29,17 @@ from torch import Tensor, nn
 from . import transforms as T
 from .chunked import inverse_norms, negative_logsumexp, target_cosines
 from .partial_fc import check_sample_rate, sample_classes
-from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, MagFaceMargin, MarginSpec, PiecewiseLinear,
-                   ProbabilityModulation, RandomModulation, SphereFacePsi)
+from .spec import (
+    AdaFaceMargin,
+    AngularMargin,
+    ElasticMargin,
+    MagFaceMargin,
+    MarginSpec,
+    PiecewiseLinear,
+    ProbabilityModulation,
+    RandomModulation,
+    SphereFacePsi,
+)
 
 __all__ = ["MarginSoftmax", "target_logit_curve"]
 

@@ -10,9 +10,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .spec import (AdaFaceMargin, AngularMargin, ElasticMargin, KappaMargin, MagFaceMargin, MarginSpec,
-                   NegativeTransform, PiecewiseLinear, ProbabilityModulation, RandomModulation, SpecError,
-                   SphereFacePsi)
+from .spec import (
+    AdaFaceMargin,
+    AngularMargin,
+    ElasticMargin,
+    KappaMargin,
+    MagFaceMargin,
+    MarginSpec,
+    NegativeTransform,
+    PiecewiseLinear,
+    ProbabilityModulation,
+    RandomModulation,
+    SpecError,
+    SphereFacePsi,
+)
 
 __all__ = ["NamedLoss", "NAMED", "named", "identify"]
 

@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from . import transforms as T
 from .chunked import inverse_norms
 from .head import add_sample_margins, margin_loss, modulation_factor, register_spec_buffers
-from .spec import (AdaFaceMargin, AngularMargin, MagFaceMargin, MarginSpec, PiecewiseLinear, SpecError,
-                   SphereFacePsi)
+from .spec import AdaFaceMargin, AngularMargin, MagFaceMargin, MarginSpec, PiecewiseLinear, SpecError, SphereFacePsi
 
 __all__ = ["ShardedMarginSoftmax", "shard_bounds"]
 

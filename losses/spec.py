@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping, Union
+from typing import Any, ClassVar, Mapping, Union
 
 __all__ = [
     "SpecError", "AngularMargin", "SphereFacePsi", "PiecewiseLinear", "ProbabilityModulation",
@@ -312,7 +312,7 @@ class MarginSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MarginSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> MarginSpec:
         """Inverse of `to_dict`; unknown keys or kinds raise SpecError naming them."""
         if not isinstance(data, Mapping):
             raise SpecError(f"spec: expected a mapping, got {type(data).__name__}")

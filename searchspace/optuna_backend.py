@@ -6,10 +6,10 @@ from typing import Any, Callable, Sequence
 import optuna
 from optuna.samplers import BaseSampler
 
-from losses import MarginSpec
+from marginsearch.losses import MarginSpec
 
 from .results import Objective, SearchResult, TrialFailed, TrialRow, row_of, rows_of
-from .search import (PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure)
+from .search import PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
 from .space import SearchSpace
 
 __all__ = ["run_optuna", "optuna_objective"]

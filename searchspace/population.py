@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, S
 
 from optuna.trial import TrialState
 
-from losses import MarginSpec
+from marginsearch.losses import MarginSpec
 
 from .results import FAIL_REASON, ROUND, SearchResult, TrialFailed, TrialRow, row_of, rows_of
 from .sampler import RewardGuidedSampler
@@ -52,7 +52,7 @@ def _in_process(objective: PopulationObjective, **_ray_options: Any) -> Iterator
 
 
 def _ray_rounds(objective: PopulationObjective, **options: Any) -> ContextManager[RoundRunner]:
-    return importlib.import_module("searchspace.ray_population").ray_rounds(objective, **options)
+    return importlib.import_module("marginsearch.searchspace.ray_population").ray_rounds(objective, **options)
 
 
 POPULATION_BACKENDS: dict[str, Callable[..., ContextManager[RoundRunner]]] = {"optuna": _in_process, "ray": _ray_rounds}

@@ -10,10 +10,11 @@ OptunaSearch's `_ot_trials`, `_ot_study`, `_completed_trials`: pinned to ray >= 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, Mapping, Sequence
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from .environment import set_offline_defaults
+
+set_offline_defaults()  # before ray is imported
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -23,11 +24,10 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from losses import MarginSpec  # noqa: E402
+from marginsearch.losses import MarginSpec  # noqa: E402
 
 from .results import BASELINE, FAIL_REASON, Objective, SearchResult, TrialFailed, TrialRow, row_of, rows_of  # noqa: E402
-from .search import (PRUNERS, SearchError, baseline_params, checked_reward, finished_count, make_storage,  # noqa: E402
-                     open_study)
+from .search import PRUNERS, SearchError, baseline_params, checked_reward, finished_count, make_storage, open_study  # noqa: E402
 from .space import SearchSpace  # noqa: E402
 
 __all__ = ["run_ray", "ray_resources", "SCHEDULERS"]

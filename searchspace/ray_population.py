@@ -11,19 +11,20 @@ state), or `{"fail_reason": ...}` without one. The driver loads every finished t
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from .environment import set_offline_defaults
+
+set_offline_defaults()  # before ray is imported
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
-from losses import MarginSpec  # noqa: E402
+from marginsearch.losses import MarginSpec  # noqa: E402
 
 from .population import Outcome, PopulationObjective, RoundRunner, run_candidate  # noqa: E402
 from .ray_backend import ray_resources  # noqa: E402

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from losses import identify
+from marginsearch.losses import identify
 
 from .space import SearchSpace, SpaceError
 

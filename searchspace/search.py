@@ -14,7 +14,7 @@ from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from losses import MarginSpec, identify, named
+from marginsearch.losses import MarginSpec, identify, named
 
 from .results import BASELINE, FAIL_REASON, Objective, SearchResult, TrialFailed, TrialRow
 from .sampler import RewardGuidedSampler
@@ -162,7 +162,7 @@ def _optuna_backend(**kw: Any) -> SearchResult:
 
 
 def _ray_backend(**kw: Any) -> SearchResult:
-    return importlib.import_module("searchspace.ray_backend").run_ray(**kw)
+    return importlib.import_module("marginsearch.searchspace.ray_backend").run_ray(**kw)
 
 
 BACKENDS: dict[str, Callable[..., SearchResult]] = {"optuna": _optuna_backend, "ray": _ray_backend}

@@ -28,16 +28,15 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
-                                  IntDistribution)
+import tomllib
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from losses import MarginSpec, SpecError, identify
-from losses.spec import SLOTS
+from marginsearch.losses import MarginSpec, SpecError, identify
+from marginsearch.losses.spec import SLOTS
 
 from .transforms import TRANSFORMS
 
@@ -318,7 +317,7 @@ class SearchSpace:
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """Every named loss (losses.NAMED, at its defaults) this space can express → its params."""
-        from losses import NAMED, named
+        from marginsearch.losses import NAMED, named
 
         out = {}
         for name in NAMED:

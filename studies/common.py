@@ -18,14 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 from torch import nn  # noqa: E402
 
-from trainers.budget import Budget, budget_from  # noqa: E402
-from trainers.judge import LabelledImages, judge, judge_long_tail  # noqa: E402
+from marginsearch.trainers.budget import Budget, budget_from  # noqa: E402
+from marginsearch.trainers.judge import LabelledImages, judge, judge_long_tail  # noqa: E402
 
 __all__ = ["Mode", "mode_for", "study_parser", "mean_std", "fmt", "table", "summarise", "test_metrics",
            "StudyOutput", "command_line", "log_runs_to_mlflow", "TEST_PAIRS", "RESULTS_ROOT"]
@@ -142,10 +138,10 @@ def test_metrics(model: nn.Module, bench: Any, seed: int) -> dict[str, float]:
     return metrics
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The command that reproduces a run (no git state: the command alone)."""
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a run from the repository root (no git state: the command alone)."""
     args = list(argv) if argv is not None else sys.argv[1:]
-    return " ".join(["python", script, *args])
+    return " ".join(["python", "-m", module, *args])
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Study 4, long tail and hard samples: the benchmark's knobs turned up; which losses hold up (Range loss, KappaFace, DDL claims)?
 
-    python studies/long_tail.py                          # demo preset, tail_exponent 4, hard_fraction 0.3, seeds 0 1 2
-    python studies/long_tail.py --preset demo --tail-exponent 3 --hard-fraction 0.2
-    python studies/long_tail.py --reduced                # tiny preset, 2 epochs, seed 0 (CI)
+    python -m studies.long_tail                          # demo preset, tail_exponent 4, hard_fraction 0.3, seeds 0 1 2
+    python -m studies.long_tail --preset demo --tail-exponent 3 --hard-fraction 0.2
+    python -m studies.long_tail --reduced                # tiny preset, 2 epochs, seed 0 (CI)
 
 Losses: normface, arcface, kappaface (KappaFace, arXiv 2201.12100), arcface + Range loss (arXiv
 1611.08976) and arcface + DDL (arXiv 2002.03662, its student pairs those touching a flagged hard
@@ -17,15 +17,22 @@ estimate from its ~13× compute per epoch).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studies.common import (StudyOutput, command_line, log_runs_to_mlflow, mean, mode_for, std,  # noqa: E402
-                            study_parser, summarise, test_metrics, tracking_uri)
+from studies.common import (  # noqa: E402
+    StudyOutput,
+    command_line,
+    log_runs_to_mlflow,
+    mean,
+    mode_for,
+    std,
+    study_parser,
+    summarise,
+    test_metrics,
+    tracking_uri,
+)
 
 # label → (named loss, auxiliary terms {name: (weight, params)})
 VARIANTS: dict[str, tuple[str, dict[str, tuple[float, dict[str, Any]]]]] = {
@@ -66,10 +73,10 @@ def _nan0(value: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from losses import named
-    from trainers.budget import budget_from
-    from trainers.data.synthetic import load_synthetic
-    from trainers.train import TrainData, train
+    from marginsearch.losses import named
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.data.synthetic import load_synthetic
+    from marginsearch.trainers.train import TrainData, train
 
     p = study_parser(__doc__, "long_tail")
     p.add_argument("--tail-exponent", type=float, default=4.0, help="power of the long tail (benchmark default 2)")
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
     mode = mode_for(args)
-    out = StudyOutput("Long tail and hard samples", Path(args.out), command_line("studies/long_tail.py", argv), vars(args))
+    out = StudyOutput("Long tail and hard samples", Path(args.out), command_line("studies.long_tail", argv), vars(args))
     bench = load_synthetic(mode.preset, tail_exponent=args.tail_exponent, hard_fraction=args.hard_fraction)
     data = TrainData.from_benchmark(bench, f"{mode.preset}-long-tail")
     counts = bench.train.counts()

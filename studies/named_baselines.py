@@ -1,8 +1,8 @@
 """Study 1, named baselines: every named loss of the seeds at its defaults, full budget, ≥ 3 seeds, judged on test.
 
-    python studies/named_baselines.py                  # demo preset, 11 losses × seeds 0 1 2, full budget
-    python studies/named_baselines.py --preset bench   # the larger bench preset (about 6 h on 2 cores, estimated)
-    python studies/named_baselines.py --reduced        # tiny preset, 2 epochs, seed 0 (CI, ~15 s)
+    python -m studies.named_baselines                  # demo preset, 11 losses × seeds 0 1 2, full budget
+    python -m studies.named_baselines --preset bench   # the larger bench preset (about 6 h on 2 cores, estimated)
+    python -m studies.named_baselines --reduced        # tiny preset, 2 epochs, seed 0 (CI, ~15 s)
 
 Reports test TAR@FAR=1e-3 and 1e-4 (all pairs of the test identities), insightface 10-fold
 accuracy, hard-pair accuracy (the judge's `hard_accuracy`) and rank-1 of the long-tail bucket
@@ -14,14 +14,22 @@ run, ≈ 6 h (an estimate from that ratio).
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studies.common import (Mode, StudyOutput, command_line, log_runs_to_mlflow, mean, mode_for, std,  # noqa: E402
-                            study_parser, summarise, test_metrics, tracking_uri)
+from studies.common import (  # noqa: E402
+    Mode,
+    StudyOutput,
+    command_line,
+    log_runs_to_mlflow,
+    mean,
+    mode_for,
+    std,
+    study_parser,
+    summarise,
+    test_metrics,
+    tracking_uri,
+)
 
 LOSSES = ("normface", "cosface", "arcface", "combined", "sv-am", "mv-arc", "curricularface", "kappaface",
           "search-softmax", "random-softmax", "am-lfs")
@@ -34,10 +42,10 @@ KEPT = ("tar@far=1e-2", "tar@far=1e-3", "tar@far=1e-4", "auc", "accuracy", "accu
 
 def train_named(losses: tuple[str, ...], mode: Mode) -> list[dict]:
     """Train each named loss at its defaults on the full budget for each seed; one dict of test metrics per run."""
-    from losses import named
-    from trainers.budget import budget_from
-    from trainers.data.synthetic import load_synthetic
-    from trainers.train import TrainData, train
+    from marginsearch.losses import named
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.data.synthetic import load_synthetic
+    from marginsearch.trainers.train import TrainData, train
 
     bench = load_synthetic(mode.preset)
     data = TrainData.from_benchmark(bench, mode.preset)
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.losses = args.losses or list(REDUCED_LOSSES if args.reduced else LOSSES)
     mode = mode_for(args)
-    out = StudyOutput("Named baselines", Path(args.out), command_line("studies/named_baselines.py", argv), vars(args))
+    out = StudyOutput("Named baselines", Path(args.out), command_line("studies.named_baselines", argv), vars(args))
     runs = train_named(tuple(args.losses), mode)
     out.add(f"Test identities of `{mode.preset}`, full budget ({mode.full.epochs} epochs, {mode.full.backbone} "
             f"backbone), seeds {', '.join(map(str, mode.seeds))}",

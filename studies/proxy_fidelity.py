@@ -1,8 +1,8 @@
 """Study 3, proxy fidelity: does the proxy reward rank specs of the `unified` space as the full budget's TEST metric does, and which proxy is enough?
 
-    python studies/proxy_fidelity.py                    # demo preset, 12 specs, seeds 0 1, proxies 1 2 4 (epochs, all identities)
-    python studies/proxy_fidelity.py --proxies 1x250 2x250 2  # proxies on the first 250 identities too
-    python studies/proxy_fidelity.py --reduced          # tiny preset, 3 specs, proxies of 1 and 2 epochs (CI)
+    python -m studies.proxy_fidelity                    # demo preset, 12 specs, seeds 0 1, proxies 1 2 4 (epochs, all identities)
+    python -m studies.proxy_fidelity --proxies 1x250 2x250 2  # proxies on the first 250 identities too
+    python -m studies.proxy_fidelity --reduced          # tiny preset, 3 specs, proxies of 1 and 2 epochs (CI)
 
 Specs: the named losses of study 1 that the space holds (at most two thirds), then draws of `space.suggest` on a seeded
 RandomSampler study, `--specs` in all. A proxy `ExI` trains E epochs on the first I training
@@ -19,15 +19,24 @@ bench preset ≈ 13× that per epoch: about 6–7 h (an estimate).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studies.common import (StudyOutput, command_line, fmt, log_runs_to_mlflow, mean, mean_std, mode_for,  # noqa: E402
-                            std, study_parser, table, test_metrics, tracking_uri)
+from studies.common import (  # noqa: E402
+    StudyOutput,
+    command_line,
+    fmt,
+    log_runs_to_mlflow,
+    mean,
+    mean_std,
+    mode_for,
+    std,
+    study_parser,
+    table,
+    test_metrics,
+    tracking_uri,
+)
 from studies.named_baselines import LOSSES  # noqa: E402
 
 SPACE = "unified"
@@ -49,7 +58,7 @@ def specs_for(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:
     """(params, spec): named losses of study 1 that the space holds (two thirds at most), then random draws; `count` in all."""
     import optuna
 
-    from searchspace import load
+    from marginsearch.searchspace import load
 
     space = load(SPACE)
     held = space.baselines()
@@ -93,11 +102,11 @@ def _scatter(per_spec: list[dict], proxies: list[str], metric: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from losses import identify
-    from searchspace.fidelity import rank_agreement
-    from trainers.budget import budget_from
-    from trainers.data.synthetic import load_synthetic
-    from trainers.train import TrainData, train
+    from marginsearch.losses import identify
+    from marginsearch.searchspace.fidelity import rank_agreement
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.data.synthetic import load_synthetic
+    from marginsearch.trainers.train import TrainData, train
 
     p = study_parser(__doc__, "proxy_fidelity")
     p.add_argument("--specs", type=int, default=None, help="specs (default 12, ≥ 12 for a meaningful ρ; reduced 3)")
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     count = args.specs or (3 if mode.reduced else 12)
     proxies = [parse_proxy(t) for t in (args.proxies or (["1", "2"] if mode.reduced else ["1", "2", "4"]))]
     labels = [_proxy_label(*pr) for pr in proxies]
-    out = StudyOutput("Proxy fidelity", Path(args.out), command_line("studies/proxy_fidelity.py", argv), vars(args))
+    out = StudyOutput("Proxy fidelity", Path(args.out), command_line("studies.proxy_fidelity", argv), vars(args))
     bench = load_synthetic(mode.preset)
     data = TrainData.from_benchmark(bench, mode.preset)
     specs = specs_for(count, args.space_seed)

@@ -1,8 +1,8 @@
 """All four studies with one command: named baselines, does the search pay, proxy fidelity, long tail.
 
-    python studies/run_all.py                        # demo preset, seeds 0 1 2 (about 2.7 h on 2 cores, measured per study)
-    python studies/run_all.py --preset bench         # the larger bench preset (about a day on 2 cores, estimated)
-    python studies/run_all.py --reduced              # tiny preset, seed 0, 1-2 epochs (CI; about a minute)
+    python -m studies.run_all                        # demo preset, seeds 0 1 2 (about 2.7 h on 2 cores, measured per study)
+    python -m studies.run_all --preset bench         # the larger bench preset (about a day on 2 cores, estimated)
+    python -m studies.run_all --reduced              # tiny preset, seed 0, 1-2 epochs (CI; about a minute)
 
 Each study writes results.md, its PNGs and runs.json to <out>/<study>/; all runs go to one MLflow
 store, <out>/mlflow.db (look: mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db). Named
@@ -13,11 +13,8 @@ fidelity 37 min, long tail 11 min.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studies import long_tail, named_baselines, proxy_fidelity, search_pays  # noqa: E402
 from studies.common import RESULTS_ROOT  # noqa: E402

@@ -1,9 +1,9 @@
 """Study 2, does the search pay: searches of one space at equal proxy compute, the best candidates promoted, against the best named loss.
 
-    python studies/search_pays.py                      # demo preset, margin space, search seeds 0 1 2
-    python studies/search_pays.py --space unified      # the union of all components (16 trials are too few for it)
-    python studies/search_pays.py --preset bench --trials 16 --proxy-epochs 2 --population 8
-    python studies/search_pays.py --reduced            # tiny preset, 1 proxy epoch per trial, seed 0 (CI)
+    python -m studies.search_pays                      # demo preset, margin space, search seeds 0 1 2
+    python -m studies.search_pays --space unified      # the union of all components (16 trials are too few for it)
+    python -m studies.search_pays --preset bench --trials 16 --proxy-epochs 2 --population 8
+    python -m studies.search_pays --reduced            # tiny preset, 1 proxy epoch per trial, seed 0 (CI)
 
 Methods, each given the same number of proxy epochs (trials × proxy epochs = rounds × population):
 - `reward-guided`: the REINFORCE sampler in independent-trial mode (a campaign);
@@ -29,16 +29,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from studies.common import (StudyOutput, command_line, fmt, log_runs_to_mlflow, mean, mode_for, std,  # noqa: E402
-                            study_parser, summarise, table, test_metrics, tracking_uri)
+from studies.common import (  # noqa: E402
+    StudyOutput,
+    command_line,
+    fmt,
+    log_runs_to_mlflow,
+    mean,
+    mode_for,
+    std,
+    study_parser,
+    summarise,
+    table,
+    test_metrics,
+    tracking_uri,
+)
 from studies.named_baselines import METRICS, best_named, train_named  # noqa: E402
 
 METHODS = ("reward-guided", "population", "tpe")
@@ -59,10 +68,10 @@ def _budget_assignments(name: str, budget: Any) -> dict[str, Any]:
 
 def retrain(spec: Any, seed: int, mode: Any) -> dict[str, Any]:
     """`spec` trained from scratch on the full budget with `seed`; its test metrics and full-budget validation reward."""
-    from trainers.budget import budget_from
-    from trainers.data.synthetic import load_synthetic
-    from trainers.objective import data_for
-    from trainers.train import train
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.data.synthetic import load_synthetic
+    from marginsearch.trainers.objective import data_for
+    from marginsearch.trainers.train import train
 
     trained = train(spec, data_for(mode.source), budget_from(mode.full, seed=seed))
     metrics = test_metrics(trained.model, load_synthetic(mode.preset), seed) if trained.status == "complete" else {}
@@ -71,9 +80,9 @@ def retrain(spec: Any, seed: int, mode: Any) -> dict[str, Any]:
 
 def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
     """One (sampler, seed) campaign: search on the proxy, promote the top specs, pick by full-budget validation, retrain; its record."""
-    from trainers.budget import budget_from
-    from trainers.campaign import run_campaign
-    from trainers.config import load_config, override
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.campaign import run_campaign
+    from marginsearch.trainers.config import load_config, override
 
     config = override(load_config(), {
         "campaign.name": f"search-pays-{method}-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"), "campaign.seed": seed,
@@ -103,10 +112,10 @@ def _finite(value: float | None) -> float:
 
 def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
     """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on the full budget."""
-    from losses import MarginSpec, identify
-    from searchspace.population import run_population
-    from trainers.budget import budget_from
-    from trainers.objective import PopulationObjective
+    from marginsearch.losses import MarginSpec, identify
+    from marginsearch.searchspace.population import run_population
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.objective import PopulationObjective
 
     rounds = max(1, args.trials * args.proxy_epochs // args.population)
     objective = PopulationObjective(mode.source, budget_from(mode.proxy, epochs=rounds, seed=seed))
@@ -127,7 +136,7 @@ def scale_ablation(runs: list[dict], base_name: str, mode: Any, log: Any) -> tup
     """The best named loss retrained at the searched champions' median scale s, on the study's seeds: the scale's share of the gain."""
     import statistics
 
-    from losses import named
+    from marginsearch.losses import named
 
     s = statistics.median(r["spec"]["s"] for r in runs)
     log(f"scale ablation: {base_name} at s = {s:.3g} (the champions' median), seeds {list(mode.seeds)}")
@@ -175,8 +184,8 @@ def _logit_figure(champion: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from losses import MarginSpec, named
-    from losses.plot import plot_target_logits
+    from marginsearch.losses import MarginSpec, named
+    from marginsearch.losses.plot import plot_target_logits
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     label = f"champion ({champion['method']}, seed {champion['seed']})"
@@ -194,7 +203,7 @@ def _champion_table(runs: list[dict], metric: str) -> str:
 
 def _spec_text(spec: dict) -> str:
     """The numeric fields of a spec, short: 's=17.5, target.m1=0.944, ...' (flags and kinds left out)."""
-    from losses import MarginSpec
+    from marginsearch.losses import MarginSpec
 
     flat = MarginSpec.from_dict(spec).flat()
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args.proxy_epochs = args.proxy_epochs or mode.proxy.epochs
     args.population = args.population or (2 if mode.reduced else 8)
     args.promote = args.promote or (2 if mode.reduced else 3)
-    out = StudyOutput("Does the search pay?", Path(args.out), command_line("studies/search_pays.py", argv), vars(args))
+    out = StudyOutput("Does the search pay?", Path(args.out), command_line("studies.search_pays", argv), vars(args))
     log = lambda line: print(line, flush=True)  # noqa: E731
     runs: list[dict] = []
     t0 = time.perf_counter()

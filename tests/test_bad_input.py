@@ -18,8 +18,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.trainers.test_faults import CAMPAIGN, ROOT, campaign_argv
-from trainers.cli import main
+from marginsearch.trainers.cli import main
+from tests.trainers.test_faults import ROOT, campaign_argv
 
 TINY_TRAIN = ["--data", "synthetic:tiny", "--budget-set", "epochs=1", "--budget-set", "batch_size=32",
               "--budget-set", "eval_pairs=100", "--quiet"]
@@ -52,9 +52,9 @@ def _png(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Bad files of every kind, a valid model bundle to evaluate with, and marker paths a hidden command would create."""
-    from trainers.backbones import EmbeddingModel, build_backbone
-    from trainers.data import write_record_file
-    from trainers.export import save_bundle
+    from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
+    from marginsearch.trainers.data import write_record_file
+    from marginsearch.trainers.export import save_bundle
 
     d = tmp_path_factory.mktemp("bad")
     f = {"dir": d, "bin_marker": d / "bin-ran", "pt_marker": d / "pt-ran", "model_marker": d / "model-ran"}
@@ -222,7 +222,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(case, message, files
 def test_in_a_fresh_process_stderr_is_the_one_line_and_no_traceback(case, message, files, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MARGINSEARCH_CACHE": str(tmp_path / "cache"),
            "MLFLOW_DISABLE_TELEMETRY": "true"}
-    done = subprocess.run([sys.executable, "-m", "trainers.cli", *_argv(case, files)], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *_argv(case, files)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr and "Traceback" not in done.stderr

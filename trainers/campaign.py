@@ -16,18 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported: this machine may be offline
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-from losses import MarginSpec, identify
-from searchspace import load as load_space
-from searchspace.results import SearchResult, TrialFailed, TrialRow
+from marginsearch.losses import MarginSpec, identify
+from marginsearch.searchspace import load as load_space
+from marginsearch.searchspace.results import SearchResult, TrialFailed, TrialRow
 
 from .budget import Budget, budget_dict
 from .config import CampaignConfig, config_to_toml
@@ -184,7 +179,7 @@ def _space_text(space: str) -> str:
 # ---------------------------------------------------------------------------- search
 def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str,
             log: Callable[[str], None]) -> SearchResult:
-    from searchspace.search import run_search
+    from marginsearch.searchspace.search import run_search
 
     s = config.search
     _retry_abandoned_trials(config, key, log)
@@ -204,7 +199,7 @@ def _retry_abandoned_trials(config: CampaignConfig, key: str, log: Callable[[str
     """Trials left RUNNING by a killed campaign process: FAIL, and enqueued again with the same params (same MLflow run)."""
     import optuna
 
-    from searchspace.search import make_storage, retry_abandoned
+    from marginsearch.searchspace.search import make_storage, retry_abandoned
 
     try:
         study = optuna.load_study(study_name=key, storage=make_storage(storage_url(config)))
@@ -342,7 +337,7 @@ def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> boo
 # ---------------------------------------------------------------------------- the whole campaign
 def _check_inputs(config: CampaignConfig) -> None:
     """ValueError for a bad space, sampler, pruner, storage or data source, before the campaign records anything."""
-    from searchspace.search import PRUNERS, SearchError, make_sampler, make_storage
+    from marginsearch.searchspace.search import PRUNERS, SearchError, make_sampler, make_storage
 
     space = load_space(config.search.space)
     make_sampler(config.search.sampler, space, config.campaign.seed)
@@ -404,7 +399,7 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
 def _read_search(config: CampaignConfig, key: str) -> SearchResult:
     import optuna
 
-    from searchspace.results import rows_of
+    from marginsearch.searchspace.results import rows_of
 
     space = load_space(config.search.space)
     try:

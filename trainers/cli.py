@@ -25,10 +25,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 __all__ = ["main", "parse_assignments", "COMMANDS"]
 
 
@@ -56,7 +52,7 @@ def parse_assignments(items: Sequence[str] | None, what: str = "--set") -> dict[
 
 
 def _spec(args: argparse.Namespace):
-    from losses import MarginSpec, named
+    from marginsearch.losses import MarginSpec, named
 
     if args.spec:
         path = Path(args.spec)
@@ -70,7 +66,7 @@ def _spec(args: argparse.Namespace):
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    from losses.__main__ import main as losses_main
+    from marginsearch.losses.__main__ import main as losses_main
     return losses_main([*(["--markdown"] if args.markdown else []), *(["--plot", args.plot] if args.plot else []),
                         *args.names])
 

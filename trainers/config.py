@@ -13,10 +13,11 @@ defaults. `override(config, {"search.trials": 20})` applies command-line `--set`
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from .budget import Budget, budget_from
 
@@ -187,7 +188,7 @@ def _validate(config: CampaignConfig) -> CampaignConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    from losses import NAMED
+    from marginsearch.losses import NAMED
     unknown = [b for b in s.baselines if b not in NAMED]
     if unknown:
         raise ConfigError(f"search.baselines: unknown named loss(es) {', '.join(unknown)}; named: {', '.join(NAMED)}")

@@ -12,8 +12,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from losses import MarginSoftmax, MarginSpec, WithAuxiliary, build_auxiliary
-from searchspace.results import TrialFailed
+from marginsearch.losses import MarginSoftmax, MarginSpec, WithAuxiliary, build_auxiliary
+from marginsearch.searchspace.results import TrialFailed
 
 from .budget import Budget
 from .sources import training_data

@@ -18,6 +18,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
 from .tracking import fault_point, mlflow_name
 
 __all__ = ["CHAMPION", "CHALLENGER", "GateResult", "RegistryError", "register_and_gate", "set_challenger",

@@ -27,11 +27,15 @@ from typing import Any, Mapping
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH,
-                                     MAX_TAG_VAL_LENGTH)
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
 from torch import nn
 
-from losses import MarginSpec, identify, named
+from marginsearch.losses import MarginSpec, identify, named
 
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
            "check_tracking_uri", "log_embedding_model", "target_logit_png", "fault_point", "FAULT_ENV"]
@@ -153,7 +157,7 @@ def target_logit_png(spec: MarginSpec, label: str) -> bytes:
     """A small PNG of the spec's target-logit curve over ArcFace and CosFace (matplotlib Agg, no pyplot state)."""
     from matplotlib.figure import Figure
 
-    from losses.plot import plot_target_logits
+    from marginsearch.losses.plot import plot_target_logits
 
     fig = Figure(figsize=(5.0, 3.5))
     curves = {label: spec, **{name: named(name) for name in CURVE_REFERENCES if named(name) != spec}}
@@ -195,7 +199,7 @@ class TrialRun:
         self.client.set_terminated(self.run_id, STATES[state])
         self.state = state
 
-    def __enter__(self) -> "TrialRun":
+    def __enter__(self) -> TrialRun:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:

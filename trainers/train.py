@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
+from marginsearch.losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
@@ -33,7 +33,7 @@ class TrainData:
     name: str = "data"
     hard: Tensor | None = None   # hard-sample flags [N] (DDL), when the data has them
 
-    def subset(self, identities: int | None) -> "TrainData":
+    def subset(self, identities: int | None) -> TrainData:
         """Only the first `identities` identities (a proxy's identity budget), relabelled densely."""
         if not identities or identities >= self.num_classes:
             return self
@@ -43,7 +43,7 @@ class TrainData:
                                    hard=hard)
 
     @classmethod
-    def from_benchmark(cls, bench: Any, name: str = "synthetic") -> "TrainData":
+    def from_benchmark(cls, bench: Any, name: str = "synthetic") -> TrainData:
         """Train split for training, validation split for the reward (a `SyntheticBenchmark`)."""
         val = LabelledImages(bench.val.images, bench.val.labels, bench.val.hard, "val")
         return cls(bench.train.images, bench.train.labels, bench.train.num_classes, val, name, bench.train.hard)

@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from losses import (AUXILIARY, CenterLoss, DistributionDistillationLoss, IntraLoss, RangeLoss, WithAuxiliary,
-                    build_auxiliary, named, MarginSoftmax)
+from marginsearch.losses import (
+    AUXILIARY,
+    CenterLoss,
+    DistributionDistillationLoss,
+    IntraLoss,
+    MarginSoftmax,
+    RangeLoss,
+    WithAuxiliary,
+    build_auxiliary,
+    named,
+)
 
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rel=1e-10, abs=1e-12), torch.float32: dict(rel=1e-4, abs=1e-5)}

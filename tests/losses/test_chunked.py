@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from losses import NAMED, MarginSoftmax, MarginSpec, named
-from losses import chunked
-from losses.chunked import negative_logsumexp
+from marginsearch.losses import NAMED, MarginSoftmax, MarginSpec, chunked, named
+from marginsearch.losses.chunked import negative_logsumexp
 
 B, D, C = 9, 6, 11
 

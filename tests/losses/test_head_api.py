@@ -8,9 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (NAMED, AngularMargin, MarginSoftmax, MarginSpec, NegativeTransform, ProbabilityModulation,
-                    SpecError, named, target_logit_curve)
-from losses.__main__ import main as losses_main
+from marginsearch.losses import (
+    NAMED,
+    AngularMargin,
+    MarginSoftmax,
+    MarginSpec,
+    NegativeTransform,
+    ProbabilityModulation,
+    SpecError,
+    named,
+    target_logit_curve,
+)
+from marginsearch.losses.__main__ import main as losses_main
 
 
 def _batch(seed: int = 0, b: int = 10, d: int = 6, c: int = 7):

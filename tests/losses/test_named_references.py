@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import NAMED, MarginSoftmax, MarginSpec, SpecError, identify, named
+from marginsearch.losses import NAMED, MarginSoftmax, MarginSpec, SpecError, identify, named
 
-from .references import (PAPER_DEFAULTS, Reference, angle, combined_margin, cos_matrix, sphereface_lambda,
-                         sphereface_psi)
+from .references import PAPER_DEFAULTS, Reference, angle, cos_matrix, sphereface_lambda, sphereface_psi
 
 B, D, C = 12, 6, 9
 NAMES = list(NAMED)

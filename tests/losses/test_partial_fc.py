@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from losses import MarginSoftmax, named
-from losses.partial_fc import sample_classes
+from marginsearch.losses import MarginSoftmax, named
+from marginsearch.losses.partial_fc import sample_classes
 
 B, D, C = 12, 6, 40
 

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses import MarginSoftmax, ShardedMarginSoftmax, SpecError, named
-from losses.sharded import shard_bounds
+from marginsearch.losses import MarginSoftmax, ShardedMarginSoftmax, SpecError, named
+from marginsearch.losses.sharded import shard_bounds
 
 D, C = 6, 11
 LOCAL_ROWS = (5, 4)   # unequal local batches

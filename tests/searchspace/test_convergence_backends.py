@@ -7,11 +7,10 @@ import numpy as np
 import optuna
 import pytest
 
-from searchspace import RewardGuidedSampler, load
-from searchspace.sampler import to_unit
-from searchspace.search import run_search
+from marginsearch.searchspace import RewardGuidedSampler, load
+from marginsearch.searchspace.sampler import to_unit
+from marginsearch.searchspace.search import run_search
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SPACE_TOML = """

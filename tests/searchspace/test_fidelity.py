@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from searchspace.fidelity import rank_agreement
+from marginsearch.searchspace.fidelity import rank_agreement
 
 
 def test_identical_and_reversed_rankings():

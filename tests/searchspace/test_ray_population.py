@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import optuna  # noqa: E402
 import pytest  # noqa: E402
 
-from searchspace import TrialFailed, run_population  # noqa: E402
-from searchspace.search import SearchError  # noqa: E402
+from marginsearch.searchspace import TrialFailed, run_population  # noqa: E402
+from marginsearch.searchspace.search import SearchError  # noqa: E402
 
 ray = pytest.importorskip("ray")
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -79,8 +75,8 @@ def test_ray_backend_rejects_bad_options(ray_cluster):
 
 def test_a_trained_state_round_trips_through_ray_checkpoints(tmp_path, ray_cluster):
     torch = pytest.importorskip("torch")
-    from trainers.budget import budget_from
-    from trainers.objective import PopulationObjective
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.objective import PopulationObjective
 
     rounds = 2
     budget = budget_from("proxy", epochs=rounds, batch_size=32, embedding_size=32, eval_pairs=200,

@@ -5,8 +5,8 @@ import numpy as np
 import optuna
 import pytest
 
-from searchspace import RewardGuidedSampler, load
-from searchspace.sampler import DRAW_ATTR, ROUND_ATTR, to_unit
+from marginsearch.searchspace import RewardGuidedSampler, load
+from marginsearch.searchspace.sampler import DRAW_ATTR, ROUND_ATTR, to_unit
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -6,9 +6,9 @@ import math
 import optuna
 import pytest
 
-from losses import named
-from searchspace import TrialFailed, run_population, run_search
-from searchspace.search import PRUNERS, SAMPLERS, SearchError
+from marginsearch.losses import named
+from marginsearch.searchspace import TrialFailed, run_population, run_search
+from marginsearch.searchspace.search import PRUNERS, SAMPLERS, SearchError
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

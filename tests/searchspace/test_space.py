@@ -6,8 +6,8 @@ import math
 import optuna
 import pytest
 
-from losses import NAMED, AngularMargin, MarginSpec, named
-from searchspace import SpaceError, builtin_spaces, load
+from marginsearch.losses import NAMED, AngularMargin, MarginSpec, named
+from marginsearch.searchspace import SpaceError, builtin_spaces, load
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

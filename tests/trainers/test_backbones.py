@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.backbones import (
+from marginsearch.trainers.backbones import (
     BACKBONES,
     EmbeddingModel,
     IResNet,
@@ -17,7 +17,6 @@ from trainers.backbones import (
     build_backbone,
     iresnet50,
 )
-
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from trainers.campaign import run_campaign
-from trainers.config import load_config, override
+from marginsearch.trainers.campaign import run_campaign
+from marginsearch.trainers.config import load_config, override
 
 TAG = "marginsearch."
 

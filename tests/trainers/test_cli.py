@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trainers.cli import main, parse_assignments
+from marginsearch.trainers.cli import main, parse_assignments
 
 
 @pytest.fixture(autouse=True)

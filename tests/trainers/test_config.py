@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.config import CampaignConfig, ConfigError, config_to_toml, load_config, override
+from marginsearch.trainers.config import CampaignConfig, ConfigError, config_to_toml, load_config, override
 
 
 def test_no_file_is_the_demo_campaign_and_round_trips_through_toml(tmp_path):

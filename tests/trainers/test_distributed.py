@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses import named
-from trainers.budget import budget_from
-from trainers.data.synthetic import load_synthetic
-from trainers.train import TrainData, train
+from marginsearch.losses import named
+from marginsearch.trainers.budget import budget_from
+from marginsearch.trainers.data.synthetic import load_synthetic
+from marginsearch.trainers.train import TrainData, train
 
 
 def _worker(rank: int, world: int, init_file: str, cache: str, out: str, loss: str) -> None:
@@ -50,9 +50,9 @@ def _sharded_objective_worker(rank: int, world: int, init_file: str, out: str) -
     """One step of the trainer's head-parallel objective against a single-process head on the whole batch."""
     import copy
 
-    from losses import MarginSoftmax, ShardedMarginSoftmax
-    from trainers.backbones import EmbeddingModel, build_backbone
-    from trainers.train import _Objective, parallel_embedding
+    from marginsearch.losses import MarginSoftmax, ShardedMarginSoftmax
+    from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
+    from marginsearch.trainers.train import _Objective, parallel_embedding
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from trainers import evaluate as ev
+from marginsearch.trainers import evaluate as ev
 
 
 def random_pairs(n: int, seed: int, dim: int = 32):
@@ -158,7 +158,7 @@ def test_judge_long_tail_buckets_equal_a_hand_computed_leave_one_out():
     import torch
     from torch import nn
 
-    from trainers.judge import LabelledImages, judge_long_tail
+    from marginsearch.trainers.judge import LabelledImages, judge_long_tail
 
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (30, 3, 8, 8), generator=g, dtype=torch.uint8)
@@ -182,7 +182,7 @@ def test_judge_long_tail_buckets_equal_a_hand_computed_leave_one_out():
 
 @pytest.mark.parametrize("n, block_floats", [(1, 8), (2, 8), (57, 8), (57, 1000), (57, 1 << 22)])
 def test_pair_scores_are_every_pair_in_triu_order(n, block_floats):
-    from trainers.judge import _pair_scores
+    from marginsearch.trainers.judge import _pair_scores
 
     emb = np.random.default_rng(n).normal(size=(n, 6))
     iu, ju = np.triu_indices(n, k=1)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.backbones import EmbeddingModel, build_backbone
-from trainers.export import export_model, load_torchscript
+from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
+from marginsearch.trainers.export import export_model, load_torchscript
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from losses import MarginSpec
-from searchspace.results import FAIL_REASON
-from searchspace.sampler import RewardGuidedSampler
-from searchspace.search import retried_numbers
-from trainers.campaign import run_campaign, spec_key
-from trainers.config import load_config, override
+from marginsearch.losses import MarginSpec
+from marginsearch.searchspace.results import FAIL_REASON
+from marginsearch.searchspace.sampler import RewardGuidedSampler
+from marginsearch.searchspace.search import retried_numbers
+from marginsearch.trainers.campaign import run_campaign, spec_key
+from marginsearch.trainers.config import load_config, override
 
 TAG = "marginsearch."
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,13 +52,13 @@ def run_cli(argv: list[str], workdir: Path, fault: str | None = None, timeout: f
     """The CLI in a fresh process (a SIGKILL at `fault` = '<phase>:<n>' if given)."""
     env = {**os.environ, "MARGINSEARCH_CACHE": str(workdir.parent / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": str(ROOT), "MARGINSEARCH_FAULT": fault or ""}
-    return subprocess.run([sys.executable, "-m", "trainers.cli", *argv], cwd=workdir, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *argv], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def consistency_problems(workdir: Path, n_trials: int = TRIALS + len(BASELINES)) -> list[str]:
     """What is wrong with a finished campaign in `workdir` (empty: nothing lost, nothing duplicated, nothing left RUNNING)."""
-    from trainers.registry import champion, verify_loads
+    from marginsearch.trainers.registry import champion, verify_loads
 
     problems: list[str] = []
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -185,10 +185,10 @@ def test_the_sampler_scores_a_failed_trial_as_the_worst_reward_of_its_round():
 # ---------------------------------------------------------------------------- 3. concurrent workers
 def _worker(storage: str, tracking_uri: str, parent: str, cache: str, n_trials: int, seed: int) -> None:
     os.environ["MARGINSEARCH_CACHE"] = cache
-    from searchspace.search import run_search
-    from trainers.budget import budget_from
-    from trainers.campaign import TrackedObjective
-    from trainers.tracking import CampaignTracker
+    from marginsearch.searchspace.search import run_search
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.campaign import TrackedObjective
+    from marginsearch.trainers.tracking import CampaignTracker
 
     budget = budget_from("proxy", epochs=1, identities=0, batch_size=32, eval_pairs=200, reward_metric="auc")
     objective = TrackedObjective("synthetic:tiny", budget, CampaignTracker(tracking_uri, "workers"), parent, "shared")
@@ -197,8 +197,8 @@ def _worker(storage: str, tracking_uri: str, parent: str, cache: str, n_trials: 
 
 
 def test_two_worker_processes_on_one_study_and_one_mlflow_store_record_every_trial_once(tmp_path, monkeypatch):
-    from searchspace.search import make_storage
-    from trainers.tracking import CampaignTracker
+    from marginsearch.searchspace.search import make_storage
+    from marginsearch.trainers.tracking import CampaignTracker
 
     monkeypatch.setenv("MARGINSEARCH_CACHE", str(tmp_path / "cache"))
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -218,7 +218,7 @@ def test_two_worker_processes_on_one_study_and_one_mlflow_store_record_every_tri
     finished = [t for t in trials if t.state.is_finished()]
     assert n_trials <= len(finished) <= n_trials + 1  # a worker stops once the study has n_trials; one may be in flight
     assert all(t.state != TrialState.RUNNING for t in trials)
-    runs = tracker.runs({f"tags.`mlflow.parentRunId`": parent})
+    runs = tracker.runs({"tags.`mlflow.parentRunId`": parent})
     keys = Counter(r.data.tags[f"{TAG}trial_key"] for r in runs)
     expected = Counter(f"shared/{spec_key(MarginSpec.from_dict(t.user_attrs['spec']))}" for t in finished)
     assert keys == expected  # every trial exactly once

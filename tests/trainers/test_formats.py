@@ -14,8 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.data import (DataError, ImageFolderDataset, RecordDataset, load_bin, load_pairs, to_labelled_tensor,
-                           write_record_file)
+from marginsearch.trainers.data import (
+    DataError,
+    ImageFolderDataset,
+    RecordDataset,
+    load_bin,
+    load_pairs,
+    to_labelled_tensor,
+    write_record_file,
+)
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -162,7 +169,7 @@ def test_truncated_rec(tmp_path):
     data = rec.read_bytes()
     rec.write_bytes(data[:-30])
     ds = RecordDataset(rec)
-    with pytest.raises(DataError, match=rf"g\.rec key 1: truncated record, \d+ data bytes at byte offset \d+"):
+    with pytest.raises(DataError, match=r"g\.rec key 1: truncated record, \d+ data bytes at byte offset \d+"):
         ds[1]
 
 
@@ -313,7 +320,7 @@ def test_load_pairs(tmp_path):
     ("1 1\nAnn_A 1 2\nAnn_A 1 x 2 3\n", r"pairs\.txt line 3: expected 'name i j' or 'name1 i name2 j'"),
     ("1 1\nAnn_A 1\n", r"pairs\.txt line 2: expected 'name i j'"),
     ("ten pairs\n", r"pairs\.txt line 1: expected 'folds pairs_per_fold' or 'pairs'"),
-    ("2 1\nAnn_A 1 2\nAnn_A 2 Cy_C 1\n", 
+    ("2 1\nAnn_A 1 2\nAnn_A 2 Cy_C 1\n",
      r"pairs\.txt: header promises 2 folds x 1 same \+ 1 different pairs = 4, found 2"),
     ("1 1\nAnn_A 1 7\nAnn_A 2 Cy_C 1\n", r"pairs\.txt line 2: image .*Ann_A_0007\.jpg \(or \.png\) not found"),
 ])
@@ -383,7 +390,7 @@ def test_image_folder_corrupt_jpeg_names_the_file(tmp_path):
 
 
 def test_package_import_is_light_and_synthetic_still_imports():
-    code = ("import sys, trainers.data as d; assert 'torch' not in sys.modules and 'PIL' not in sys.modules;"
-            "assert issubclass(d.DataError, ValueError); import trainers.data.synthetic; print('ok')")
+    code = ("import sys, marginsearch.trainers.data as d; assert 'torch' not in sys.modules and 'PIL' not in sys.modules;"
+            "assert issubclass(d.DataError, ValueError); import marginsearch.trainers.data.synthetic; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "ok", out.stderr

@@ -1,20 +1,15 @@
 """Training objectives end to end: a margin search on synthetic:tiny in each backend, population mode, failures."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 import optuna  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from losses import named  # noqa: E402
-from searchspace import TrialFailed, run_population, run_search  # noqa: E402
-from searchspace.search import SearchError  # noqa: E402
-from trainers.budget import budget_from  # noqa: E402
-from trainers.objective import PopulationObjective, TrainingObjective  # noqa: E402
+from marginsearch.losses import named  # noqa: E402
+from marginsearch.searchspace import TrialFailed, run_population, run_search  # noqa: E402
+from marginsearch.searchspace.search import SearchError  # noqa: E402
+from marginsearch.trainers.budget import budget_from  # noqa: E402
+from marginsearch.trainers.objective import PopulationObjective, TrainingObjective  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -71,7 +66,7 @@ def test_margin_search_on_tiny_with_ray(tmp_path, cache, ray_cluster):
 
 
 def test_ray_refuses_a_gpu_the_cluster_lacks(ray_cluster):
-    from searchspace.ray_backend import ray_resources
+    from marginsearch.searchspace.ray_backend import ray_resources
 
     assert ray_resources({"cpu": 1, "gpu": 0}, None) == ({"cpu": 1.0, "gpu": 0.0}, 2)
     assert ray_resources({"cpu": 1}, 1)[1] == 1
@@ -116,6 +111,6 @@ def test_population_rounds_start_from_the_previous_best(cache):
 
 
 def objective_data(cache):
-    from trainers.objective import data_for
+    from marginsearch.trainers.objective import data_for
 
     return data_for("synthetic:tiny", cache)

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 import subprocess
 import sys
 import textwrap
@@ -13,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from losses import named
-from trainers.backbones import EmbeddingModel, TinyCNN
-from trainers.registry import (CHALLENGER, CHAMPION, RegistryError, champion, register_and_gate, set_challenger,
-                               verify_loads)
-from trainers.tracking import CampaignTracker, resolve_tracking_uri
+from marginsearch.losses import named
+from marginsearch.trainers.backbones import EmbeddingModel, TinyCNN
+from marginsearch.trainers.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistryError,
+    champion,
+    register_and_gate,
+    set_challenger,
+    verify_loads,
+)
+from marginsearch.trainers.tracking import CampaignTracker, resolve_tracking_uri
 
 SIZE = 32
 

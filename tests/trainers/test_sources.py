@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.data import DataError, write_record_file
-from trainers.judge import LabelledImages
-from trainers.sources import PairSet, SourceError, evaluation_data, training_data
+from marginsearch.trainers.data import DataError, write_record_file
+from marginsearch.trainers.judge import LabelledImages
+from marginsearch.trainers.sources import PairSet, SourceError, evaluation_data, training_data
 
 IDENTITIES, PER_IDENTITY = 6, 3
 

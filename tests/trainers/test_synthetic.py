@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from trainers.data import synthetic as syn
+from marginsearch.trainers.data import synthetic as syn
 
 
 def test_tiny_is_deterministic_and_seed_dependent():

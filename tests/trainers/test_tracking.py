@@ -1,18 +1,14 @@
 """MLflow tracking layer: parent/nested runs, reopening, end states, abandoned runs, URI checks (one SQLite store)."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 import json
 import socket
 import time
 
 import pytest
 
-from losses import AngularMargin, MarginSpec, named
-from trainers.tracking import CampaignTracker, TrackingError, check_tracking_uri, resolve_tracking_uri
+from marginsearch.losses import AngularMargin, MarginSpec, named
+from marginsearch.trainers.tracking import CampaignTracker, TrackingError, check_tracking_uri, resolve_tracking_uri
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

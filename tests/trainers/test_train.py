@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from losses import named
-from trainers.budget import Budget, budget_from
-from trainers.data.synthetic import load_synthetic
-from trainers.judge import LabelledImages
-from trainers.train import TrainData, train
+from marginsearch.losses import named
+from marginsearch.trainers.budget import Budget, budget_from
+from marginsearch.trainers.data.synthetic import load_synthetic
+from marginsearch.trainers.train import TrainData, train
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,7 @@ def test_compiled_backbone_trains_and_returns_the_plain_module(tiny):
 
 
 def test_batches_cut_on_the_host_equal_indexing():
-    from trainers.train import _batch_images, _stage_images
+    from marginsearch.trainers.train import _batch_images, _stage_images
     images = torch.randint(0, 255, (10, 3, 4, 4), dtype=torch.uint8)
     idx = torch.tensor([3, 1, 7])
     staged = _stage_images(images, torch.device("cpu"))
