@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Union
 
+from .errors import MarginsearchError
+
 __all__ = [
     "SpecError", "AngularMargin", "SphereFacePsi", "PiecewiseLinear", "ProbabilityModulation",
     "RandomModulation", "NegativeTransform", "KappaMargin", "ElasticMargin", "AdaFaceMargin",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 
-class SpecError(ValueError):
+class SpecError(MarginsearchError):
     """A margin spec value is out of range, of the wrong type, or unknown."""
 
 
