@@ -2,6 +2,7 @@
 
 torch and numpy only. Start with `named("arcface")` or a `MarginSpec`, then `MarginSoftmax`.
 """
+from .components import COMPONENTS, Component, register_component
 from .auxiliary import AUXILIARY, CenterLoss, DistributionDistillationLoss, IntraLoss, RangeLoss, build_auxiliary
 from .head import MarginSoftmax, target_logit_curve
 from .named import NAMED, NamedLoss, identify, named
@@ -26,7 +27,7 @@ from .spec import (
 
 __all__ = [
     "AUXILIARY", "CenterLoss", "DistributionDistillationLoss", "IntraLoss", "RangeLoss", "build_auxiliary",
-    "WithAuxiliary",
+    "WithAuxiliary", "COMPONENTS", "Component", "register_component",
     "MarginSoftmax", "ShardedMarginSoftmax", "target_logit_curve", "NAMED", "NamedLoss", "identify", "named", "GUARDS",
     "NEGATIVE_RULES", "AdaFaceMargin", "AngularMargin", "ElasticMargin", "KappaMargin", "MagFaceMargin",
     "MarginSpec", "NegativeTransform", "PiecewiseLinear", "ProbabilityModulation", "RandomModulation",

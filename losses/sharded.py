@@ -13,11 +13,13 @@ gather all-reduces in backward); a rank's embeddings get the gradient of the glo
 w.r.t. its rows, its shard the gradient w.r.t. its classes. DDP's averaging of the backbone
 gradients then divides them by W, as for any loss that is a mean over the global batch.
 
-Randomness (ElasticFace's per-sample margins, Random-Softmax's factor) is drawn on rank 0 from
-torch's default generator in the full head's order and broadcast, so the step equals a
-single-process `MarginSoftmax` on the concatenated batch seeded like rank 0. Running statistics
-(CurricularFace's t, SphereFace's step, AdaFace's norm statistics) use the global batch and stay
-equal on every rank. Not supported yet: KappaFace, MagFace, a learnable scale.
+The spec's components are the full head's (`losses.components`: same buffers, statistics and
+transforms, in the same order). Randomness (ElasticFace's per-sample margins, Random-Softmax's
+factor) is drawn on rank 0 from torch's default generator in the full head's order and
+broadcast, so the step equals a single-process `MarginSoftmax` on the concatenated batch seeded
+like rank 0. Running statistics (CurricularFace's t, SphereFace's step, AdaFace's norm
+statistics) use the global batch and stay equal on every rank. Not supported yet: the components
+whose `sharded` is False (KappaFace, MagFace) and a learnable scale.
 """
 from __future__ import annotations
 
@@ -28,19 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import components as K
 from . import transforms as T
 from .chunked import inverse_norms
-from .head import add_sample_margins, margin_loss, modulation_factor, register_spec_buffers
-from .spec import AdaFaceMargin, AngularMargin, MagFaceMargin, MarginSpec, PiecewiseLinear, SpecError, SphereFacePsi
+from .head import margin_loss
+from .spec import MarginSpec, SpecError
 
 __all__ = ["ShardedMarginSoftmax", "shard_bounds"]
-
-# Spec features whose exact split across ranks is not written yet: (name, test on the spec).
-UNSUPPORTED: tuple[tuple[str, Callable[[MarginSpec], bool]], ...] = (
-    ("KappaFace class margins", lambda spec: spec.class_margin is not None),
-    ("MagFace sample margins", lambda spec: isinstance(spec.sample_margin, MagFaceMargin)),
-    ("a learnable scale", lambda spec: spec.learnable_scale),
-)
 
 
 def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -135,9 +131,9 @@ class ShardedMarginSoftmax(nn.Module):
         super().__init__()
         if not isinstance(spec, MarginSpec):
             raise TypeError(f"spec must be a MarginSpec, got {type(spec).__name__}")
-        for feature, present in UNSUPPORTED:
-            if present(spec):
-                raise SpecError(f"sharded head does not support {feature} yet")
+        parts = K.components_of(spec)
+        for feature in K.unsupported_by_sharded(parts) + (["a learnable scale"] if spec.learnable_scale else []):
+            raise SpecError(f"sharded head does not support {feature} yet")
         if embedding_size < 1 or num_classes < 2:
             raise ValueError(f"need embedding_size ≥ 1 and num_classes ≥ 2, got {embedding_size}, {num_classes}")
         if not dist.is_available() or not dist.is_initialized():
@@ -150,7 +146,8 @@ class ShardedMarginSoftmax(nn.Module):
         self.bounds = shard_bounds(num_classes, world, rank)
         self.weight = nn.Parameter(torch.empty(self.bounds[1] - self.bounds[0], embedding_size).normal_(0.0, 0.01))
         self.register_buffer("scale", torch.tensor(float(spec.s)), persistent=False)
-        register_spec_buffers(self, spec, num_classes, embedding_size)
+        self.parts = parts
+        K.register_buffers(self, parts, num_classes, embedding_size)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -180,55 +177,22 @@ class ShardedMarginSoftmax(nn.Module):
             cos = (x_unit @ w.t()) * inv                      # [N, C_r] against this rank's classes
             own_cos_y = torch.zeros_like(norms).index_put((rows,), cos[rows, cols].clamp(-1.0, 1.0))
             cos_y = _SumOverRanks.apply(own_cos_y, self.group)
-            if self.training:
-                self._update_statistics(norms, cos_y.detach())
-            target_fn = self._target_fn(labels, norms, cos_y)
-            neg = self.spec.negative
             scale = self.scale.to(dtype)
-            if neg is not None:
-                t = self.curricular_t if neg.rule == "curricular" else neg.t
-                with torch.no_grad():
-                    threshold = target_fn(cos_y.detach())
-                cos = torch.where(cos > threshold[:, None], T.NEGATIVE_RULE_FNS[neg.rule](cos, t), cos)
+            draw = lambda shape: _broadcast_draw(  # noqa: E731  every rank uses rank 0's draws
+                lambda: torch.randn(shape, device=x.device, dtype=torch.float32), self.group)
+            plan = K.plan(self, self.parts, K.Step(labels, norms, x_unit.detach(), cos_y.detach(), self.training, draw),
+                          scale)
+            if plan.rule is not None:
+                cos = torch.where(cos > plan.threshold[:, None], T.NEGATIVE_RULE_FNS[plan.rule](cos, plan.t), cos)
             target_cells = torch.zeros_like(cos, dtype=torch.bool)
             target_cells[rows, cols] = True
             lse_neg = _DistributedLogSumExp.apply((cos * scale).masked_fill(target_cells, -math.inf), self.group)
-            z_y = scale * target_fn(cos_y)
-            return margin_loss(z_y, lse_neg, self._modulation_a(scale))
+            return margin_loss(scale * plan.f(cos_y), lse_neg, plan.a) + plan.extra
 
     def end_epoch(self) -> None:
-        """Epoch hook of the head interface: no supported point keeps per-epoch class statistics."""
+        """Epoch hook of the head interface: each component's."""
+        K.end_epoch(self, self.parts)
 
-    @torch.no_grad()
-    def _update_statistics(self, norms: Tensor, cos_y: Tensor) -> None:
-        neg, sm = self.spec.negative, self.spec.sample_margin
-        if neg is not None and neg.rule == "curricular":
-            self.curricular_t.mul_(1.0 - neg.momentum).add_(neg.momentum * cos_y.mean().to(self.curricular_t.dtype))
-        if isinstance(sm, AdaFaceMargin) and norms.numel() >= 2:
-            safe = norms.clamp(0.001, 100.0)
-            self.norm_mean.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.mean().to(self.norm_mean.dtype))
-            self.norm_std.mul_(1.0 - sm.t_alpha).add_(sm.t_alpha * safe.std().to(self.norm_std.dtype))
-
-    def _target_fn(self, labels: Tensor, norms: Tensor, like: Tensor) -> Callable[[Tensor], Tensor]:
-        """f: cos θ_y [N] → transformed target cosine [N]; steps SphereFace's λ and draws ElasticFace's margins once."""
-        target = self.spec.target
-        if isinstance(target, SphereFacePsi):
-            lam = T.sphereface_lambda(int(self.step), target.base, target.gamma, target.power, target.lambda_min)
-            if self.training:
-                self.step.add_(1)
-            return lambda cos_y: T.sphereface_target(cos_y, target.m, lam)
-        if isinstance(target, PiecewiseLinear):
-            slopes, intercepts = self.slopes.to(like.dtype), self.intercepts.to(like.dtype)
-            return lambda cos_y: T.piecewise_target(cos_y, slopes, intercepts)
-        assert isinstance(target, AngularMargin)
-        m2: Tensor | float = target.m2_rad
-        m3: Tensor | float = target.m3_cos
-        n = like.shape[0]  # every rank uses rank 0's ElasticFace draw
-        draw = lambda: _broadcast_draw(lambda: torch.randn(n, device=like.device, dtype=torch.float32), self.group)  # noqa: E731
-        m2, m3, _ = add_sample_margins(self, m2, m3, norms, like, draw)  # MagFace (the only regulariser) is refused
-        return lambda cos_y: T.angular_target(cos_y, target.m1, m2, m3, target.guard, target.straight_through)
-
-    def _modulation_a(self, scale: Tensor) -> Tensor | None:
-        """The modulating factor(s) a of this step, Random-Softmax's draw taken from rank 0; or None."""
-        return modulation_factor(self, scale, lambda: _broadcast_draw(
-            lambda: torch.randn((), device=scale.device, dtype=torch.float32), self.group))
+    def summed_buffers(self) -> tuple[str, ...]:
+        """Names of this head's buffers that are per-rank sums (none of the supported components keeps any)."""
+        return K.summed_buffers(self.parts)

@@ -123,9 +123,10 @@ def insert_target(cos: Tensor, labels: Tensor, f: Tensor) -> Tensor:
     return cos.scatter(1, labels[:, None], f[:, None].to(cos.dtype))
 
 
-def transform_negatives(cos: Tensor, labels: Tensor, f: Tensor, rule: str, t: Tensor | float) -> Tensor:
-    """Apply the rule g to mis-classified negatives (cos θ_j > f(θ_y), j ≠ y); the target column is f."""
-    hard = cos > f[:, None]
+def transform_negatives(cos: Tensor, labels: Tensor, f: Tensor, rule: str, t: Tensor | float,
+                        threshold: Tensor | None = None) -> Tensor:
+    """Apply the rule g to mis-classified negatives (cos θ_j > threshold, default f(θ_y); j ≠ y); the target column is f."""
+    hard = cos > (f.detach() if threshold is None else threshold)[:, None]
     hard.scatter_(1, labels[:, None], False)
     out = torch.where(hard, NEGATIVE_RULE_FNS[rule](cos, t), cos)
     return insert_target(out, labels, f)

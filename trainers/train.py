@@ -215,7 +215,13 @@ def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-_SUMMED_BUFFERS = ("kappa_feature_sum", "kappa_count")  # per-rank sums of the epoch's class statistics
+def _summed_buffers(module: nn.Module) -> set[int]:
+    """The buffers every head inside `module` names as per-rank sums (`summed_buffers()`, e.g. KappaFace's class statistics)."""
+    out: set[int] = set()
+    for sub in module.modules():
+        if callable(getattr(sub, "summed_buffers", None)):
+            out.update(id(getattr(sub, name)) for name in sub.summed_buffers())
+    return out
 
 
 def _sync_buffers(module: nn.Module, world: int) -> None:
@@ -226,11 +232,12 @@ def _sync_buffers(module: nn.Module, world: int) -> None:
     """
     if world == 1:
         return
-    for name, buf in module.named_buffers():
+    summed = _summed_buffers(module)
+    for _, buf in module.named_buffers():
         if not buf.is_floating_point():
             continue  # step counters advance identically on every rank
         torch.distributed.all_reduce(buf)
-        if not name.endswith(_SUMMED_BUFFERS):
+        if id(buf) not in summed:
             buf.div_(world)
 
 
