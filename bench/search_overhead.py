@@ -27,7 +27,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from marginsearch.losses import MarginSpec, named  # noqa: E402
-from marginsearch.searchspace.search import make_storage, run_search  # noqa: E402
+from marginsearch.searchspace.search import StudyOptions, make_storage, run_search  # noqa: E402
 from marginsearch.trainers.budget import budget_from  # noqa: E402
 from marginsearch.trainers.campaign import spec_key  # noqa: E402
 from marginsearch.trainers.objective import data_for  # noqa: E402
@@ -67,8 +67,8 @@ def time_search(objective: Callable[..., float], sampler: str, trials: int, stor
                 space: str) -> float:
     """Milliseconds per trial of one `run_search` call of `trials` trials."""
     start = time.perf_counter()
-    result = run_search(space, objective, sampler=sampler, n_trials=trials, storage=storage, seed=0,
-                        study_name=f"overhead-{sampler}-{time.monotonic_ns()}")
+    result = run_search(space, objective, sampler=sampler, n_trials=trials, seed=0,
+                        study=StudyOptions(storage, f"overhead-{sampler}-{time.monotonic_ns()}"))
     elapsed = time.perf_counter() - start
     if len(result.rows) != trials:
         raise RuntimeError(f"expected {trials} trials, got {len(result.rows)}")

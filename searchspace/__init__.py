@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .population import PopulationResult, run_population
     from .results import SearchResult, TrialFailed, TrialRow
+    from .options import DEFAULT_POPULATION, RayOptions, StudyOptions
     from .sampler import RewardGuidedSampler
     from .search import PRUNERS, SAMPLERS, SearchError, run_search
     from .space import Fixed, Parameter, SearchSpace, SpaceError, builtin_spaces, load
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "PopulationResult": "population", "run_population": "population",
     "SearchResult": "results", "TrialFailed": "results", "TrialRow": "results",
     "RewardGuidedSampler": "sampler",
+    "DEFAULT_POPULATION": "options", "RayOptions": "options", "StudyOptions": "options",
     "PRUNERS": "search", "SAMPLERS": "search", "SearchError": "search", "run_search": "search",
     "Fixed": "space", "Parameter": "space", "SearchSpace": "space", "SpaceError": "space",
     "builtin_spaces": "space", "load": "space",

@@ -24,38 +24,28 @@ from optuna.trial import TrialState
 
 from marginsearch.losses import MarginSpec
 
-from .results import FAIL_REASON, ROUND, SearchResult, TrialFailed, TrialRow, row_of, rows_of
+from ._study import (PRUNERS, PopulationObjective, RoundRunner, SearchError, enqueue_baselines, open_study,
+                     run_candidate)
+from .options import DEFAULT_POPULATION, RayOptions, StudyOptions
+from .results import FAIL_REASON, ROUND, SearchResult, TrialRow, row_of, rows_of, store_spec
 from .sampler import RewardGuidedSampler
-from .search import PRUNERS, SearchError, checked_reward, enqueue_baselines, open_study
 from .space import SearchSpace, load
 
 __all__ = ["PopulationResult", "run_population", "run_candidate", "POPULATION_BACKENDS"]
 
-PopulationObjective = Callable[[MarginSpec, Any], "tuple[float, Any]"]
-Outcome = tuple[float | None, Any, str | None]  # (reward, end state, None) or (None, None, fail reason)
-RoundRunner = Callable[[Sequence[MarginSpec], Any, int], Iterable[Outcome]]  # (specs, start state, round) → outcomes
-
-
-def run_candidate(objective: PopulationObjective, spec: MarginSpec, start_state: Any) -> Outcome:
-    """One candidate: (finite reward, end state, None), or (None, None, reason) on TrialFailed or a NaN/inf reward."""
-    try:
-        reward, end_state = objective(spec, start_state)
-        return checked_reward(reward), end_state, None
-    except TrialFailed as exc:
-        return None, None, exc.reason
-
 
 @contextmanager
-def _in_process(objective: PopulationObjective, **_ray_options: Any) -> Iterator[RoundRunner]:
-    """The "optuna" backend: candidates run here, one after another (the Ray options do not apply)."""
+def _in_process(objective: PopulationObjective, study_name: str, ray: RayOptions) -> Iterator[RoundRunner]:
+    """The "optuna" backend: candidates run here, one after another (it reads no Ray options)."""
     yield lambda specs, state, _round: (run_candidate(objective, spec, state) for spec in specs)
 
 
-def _ray_rounds(objective: PopulationObjective, **options: Any) -> ContextManager[RoundRunner]:
-    return importlib.import_module("marginsearch.searchspace.ray_population").ray_rounds(objective, **options)
+def _ray_rounds(objective: PopulationObjective, study_name: str, ray: RayOptions) -> ContextManager[RoundRunner]:
+    return importlib.import_module("marginsearch.searchspace.ray_population").ray_rounds(objective, study_name, ray)
 
 
-POPULATION_BACKENDS: dict[str, Callable[..., ContextManager[RoundRunner]]] = {"optuna": _in_process, "ray": _ray_rounds}
+POPULATION_BACKENDS: dict[str, Callable[[PopulationObjective, str, RayOptions], ContextManager[RoundRunner]]] = {
+    "optuna": _in_process, "ray": _ray_rounds}
 
 
 @dataclass
@@ -69,20 +59,20 @@ class PopulationResult(SearchResult):
 
 
 def run_population(space: SearchSpace | str, population_objective: PopulationObjective, rounds: int, *,
-                   population: int = 8, sampler: RewardGuidedSampler | None = None, seed: int | None = 0,
-                   storage: Any = None, study_name: str = "marginsearch-population",
+                   population: int = DEFAULT_POPULATION, sampler: RewardGuidedSampler | None = None,
+                   seed: int | None = 0, study: StudyOptions = StudyOptions(name="marginsearch-population"),
                    baselines: Sequence[str | MarginSpec] | str = (),
                    callbacks: Sequence[Callable[[TrialRow], Any]] = (), backend: str = "optuna",
-                   ray_address: str | None = None, resources_per_trial: Mapping[str, float] | None = None,
-                   max_concurrent: int | None = None, ray_dir: str | None = None) -> PopulationResult:
+                   ray: RayOptions = RayOptions()) -> PopulationResult:
     """Run `rounds` rounds of `population` candidates; each starts from the previous round's best state.
 
     Baselines are enqueued and take the first slots of round 0 (their rewards normalise that round;
     the policy learns only from drawn candidates). A candidate raising TrialFailed (or returning a
     non-finite reward) is FAIL with `fail_reason`; if a whole round fails the state carries over unchanged.
     `backend="ray"` trains each round's candidates in parallel Ray Tune trials (Ray started locally
-    unless `ray_address` or already running; `resources_per_trial` {"cpu", "gpu"}, `max_concurrent`,
-    Tune results and checkpoints under `ray_dir`); the objective must then be picklable.
+    unless `ray.address` or already running; `ray.resources_per_trial` {"cpu", "gpu"},
+    `ray.max_concurrent`, Tune results and checkpoints under `ray.storage_path`); the objective must
+    then be picklable. The study is always new (`study.resume` does not apply: states live in memory).
     """
     if backend not in POPULATION_BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; choose one of {', '.join(POPULATION_BACKENDS)}")
@@ -92,32 +82,29 @@ def run_population(space: SearchSpace | str, population_objective: PopulationObj
     sampler = sampler or RewardGuidedSampler(space=space, seed=seed, population=population)
     if sampler.population != population:
         raise SearchError(f"sampler.population is {sampler.population}, run_population was given {population}")
-    study, _ = open_study(storage, study_name, sampler, PRUNERS["none"](), resume=False)
-    if study.get_trials(deepcopy=False):
-        raise SearchError(f"study {study_name!r} already has trials; population mode needs a new study")
-    enqueue_baselines(study, space, baselines)
+    optuna_study, _ = open_study(study.storage, study.name, sampler, PRUNERS["none"](), resume=False)
+    if optuna_study.get_trials(deepcopy=False):
+        raise SearchError(f"study {study.name!r} already has trials; population mode needs a new study")
+    enqueue_baselines(optuna_study, space, baselines)
     state: Any = None
     rewards_per_round: list[list[float | None]] = []
     best_per_round: list[TrialRow | None] = []
-    runner = POPULATION_BACKENDS[backend](
-        population_objective, study_name=study_name, ray_address=ray_address, max_concurrent=max_concurrent,
-        resources_per_trial=dict(resources_per_trial or {"cpu": 1, "gpu": 0}), ray_dir=ray_dir)
-    with runner as run_round:
+    with POPULATION_BACKENDS[backend](population_objective, study.name, ray) as run_round:
         for k in range(rounds):
             trials, specs = [], []
             for _ in range(population):
-                trial = study.ask()
+                trial = optuna_study.ask()
                 trial.set_user_attr(ROUND, k)
                 specs.append(space.to_spec(space.suggest(trial)))
-                trial.set_user_attr("spec", specs[-1].to_dict())
+                store_spec(trial.set_user_attr, specs[-1])
                 trials.append(trial)
             scored: list[tuple[float | None, Any, TrialRow]] = []
             for trial, (reward, end_state, reason) in zip(trials, run_round(specs, state, k), strict=True):
                 if reason is not None:
                     trial.set_user_attr(FAIL_REASON, reason)
-                    frozen = study.tell(trial, state=TrialState.FAIL)
+                    frozen = optuna_study.tell(trial, state=TrialState.FAIL)
                 else:
-                    frozen = study.tell(trial, reward)
+                    frozen = optuna_study.tell(trial, reward)
                 row = row_of(frozen, space)
                 scored.append((reward, end_state, row))
                 for cb in callbacks:
@@ -129,6 +116,6 @@ def run_population(space: SearchSpace | str, population_objective: PopulationObj
                 best_per_round.append(best_row)
             else:
                 best_per_round.append(None)
-    return PopulationResult(rows_of(study, space), f"{backend}-population", study_name,
-                            None if storage is None else str(storage), study, rewards_per_round, best_per_round,
-                            sampler.trajectory(study), state)
+    return PopulationResult(rows_of(optuna_study, space), f"{backend}-population", study.name,
+                            study.label, optuna_study, rewards_per_round, best_per_round,
+                            sampler.trajectory(optuna_study), state)

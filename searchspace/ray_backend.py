@@ -26,8 +26,11 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from marginsearch.losses import MarginSpec  # noqa: E402
 
-from .results import BASELINE, FAIL_REASON, Objective, SearchResult, TrialFailed, TrialRow, row_of, rows_of  # noqa: E402
-from .search import PRUNERS, SearchError, baseline_params, checked_reward, finished_count, make_storage, open_study  # noqa: E402
+from ._study import (PRUNERS, SearchError, baseline_params, checked_reward, finished_count, make_storage,  # noqa: E402
+                     open_study)
+from .options import RayOptions, SearchPlan  # noqa: E402
+from .results import (BASELINE, FAIL_REASON, Objective, SearchResult, TrialFailed, TrialRow, row_of, rows_of,  # noqa: E402
+                      store_spec)
 from .space import SearchSpace  # noqa: E402
 
 __all__ = ["run_ray", "ray_resources", "SCHEDULERS"]
@@ -84,9 +87,13 @@ class _RowSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
-        label = self._labels.pop(_key(config), None) if config is not None else None  # an enqueued baseline
+        if config is None:
+            return None
+        trial = self._ot_trials[trial_id]
+        store_spec(trial.set_user_attr, self._search_space.to_spec(config))  # the one stored copy of the trial's spec
+        label = self._labels.pop(_key(config), None)  # an enqueued baseline
         if label is not None:
-            self._ot_trials[trial_id].set_user_attr(BASELINE, label)
+            trial.set_user_attr(BASELINE, label)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -134,35 +141,32 @@ def ray_resources(requested: Mapping[str, float], max_concurrent: int | None) ->
     return {"cpu": cpu, "gpu": gpu}, max(1, min(fit, max_concurrent or fit))
 
 
-def run_ray(*, space: SearchSpace, objective: Objective, sampler: BaseSampler, n_trials: int, pruner: str,
-            storage: Any, study_name: str, baselines: Sequence[str | MarginSpec] | str, resume: bool,
-            ray_address: str | None, resources_per_trial: Mapping[str, float], max_concurrent: int | None,
-            ray_dir: str | None, callbacks: list[Callable[[TrialRow], Any]]) -> SearchResult:
-    """Run the search as Ray Tune trials (Ray started locally unless `ray_address`; shut down again if started here)."""
+def run_ray(plan: SearchPlan, options: RayOptions) -> SearchResult:
+    """Run the search as Ray Tune trials (Ray started locally unless `options.address`; shut down again if started here)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_address, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=options.address, include_dashboard=False, logging_level="WARNING")
     try:
-        resources, concurrent = ray_resources(resources_per_trial, max_concurrent)
-        built = make_storage(storage, heartbeat=False) or optuna.storages.InMemoryStorage()
-        study, _ = open_study(built, study_name, sampler, PRUNERS["none"](), resume)
+        resources, concurrent = ray_resources(options.resources_per_trial, options.max_concurrent)
+        built = make_storage(plan.study.storage, heartbeat=False) or optuna.storages.InMemoryStorage()
+        study, _ = open_study(built, plan.study.name, plan.sampler, PRUNERS["none"](), plan.study.resume)
         existing = [_key(t.system_attrs.get("fixed_params", t.params)) for t in study.get_trials(deepcopy=False)]
-        pending = [(label, p) for label, p in baseline_params(space, baselines) if _key(p) not in existing]
-        remaining = n_trials - finished_count(study)
-        searcher = _RowSearch(space=space.suggest, metric=METRIC, mode=MODE, sampler=sampler, storage=built,
-                              study_name=study_name, points_to_evaluate=[p for _, p in pending] or None,
-                              search_space=space, labels={_key(p): label for label, p in pending},
-                              row_callbacks=callbacks)
+        pending = [(label, p) for label, p in baseline_params(plan.space, plan.baselines) if _key(p) not in existing]
+        remaining = plan.n_trials - finished_count(study)
+        searcher = _RowSearch(space=plan.space.suggest, metric=METRIC, mode=MODE, sampler=plan.sampler, storage=built,
+                              study_name=plan.study.name, points_to_evaluate=[p for _, p in pending] or None,
+                              search_space=plan.space, labels={_key(p): label for label, p in pending},
+                              row_callbacks=plan.callbacks)
         if remaining > 0:
+            trainable = tune.with_parameters(_trainable, space=plan.space, objective=plan.objective)
             tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_trainable, space=space, objective=objective), resources),
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=SCHEDULERS[pruner](), num_samples=remaining,
-                                            max_concurrent_trials=concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(name=study_name, storage_path=ray_dir, verbose=0))
+                tune.with_resources(trainable, resources),
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=SCHEDULERS[plan.pruner](),
+                                            num_samples=remaining, max_concurrent_trials=concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(name=plan.study.name, storage_path=options.storage_path, verbose=0))
             tuner.fit()
-        study = optuna.load_study(study_name=study_name, storage=built, sampler=sampler)
-        return SearchResult(rows_of(study, space), "ray", study_name, None if storage is None else str(storage), study)
+        study = optuna.load_study(study_name=plan.study.name, storage=built, sampler=plan.sampler)
+        return SearchResult(rows_of(study, plan.space), "ray", plan.study.name, plan.study.label, study)
     finally:
         if started:
             ray.shutdown()
-

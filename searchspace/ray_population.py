@@ -26,7 +26,8 @@ from ray import tune  # noqa: E402
 
 from marginsearch.losses import MarginSpec  # noqa: E402
 
-from .population import Outcome, PopulationObjective, RoundRunner, run_candidate  # noqa: E402
+from ._study import Outcome, PopulationObjective, RoundRunner, run_candidate  # noqa: E402
+from .options import RayOptions  # noqa: E402
 from .ray_backend import ray_resources  # noqa: E402
 from .results import FAIL_REASON  # noqa: E402
 
@@ -65,15 +66,13 @@ def _outcome(result: Any) -> Outcome:
 
 
 @contextmanager
-def ray_rounds(objective: PopulationObjective, *, study_name: str, ray_address: str | None,
-               resources_per_trial: Mapping[str, float], max_concurrent: int | None,
-               ray_dir: str | None) -> Iterator[RoundRunner]:
+def ray_rounds(objective: PopulationObjective, study_name: str, ray_options: RayOptions) -> Iterator[RoundRunner]:
     """A round runner on Ray Tune for a whole population run (Ray started here unless running, and then shut down)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_address, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=ray_options.address, include_dashboard=False, logging_level="WARNING")
     try:
-        resources, concurrent = ray_resources(resources_per_trial, max_concurrent)
+        resources, concurrent = ray_resources(ray_options.resources_per_trial, ray_options.max_concurrent)
 
         def run_round(specs: Sequence[MarginSpec], start_state: Any, round_index: int) -> list[Outcome]:
             trainable = tune.with_parameters(_candidate_trainable, objective=objective, start_state=start_state)
@@ -83,7 +82,7 @@ def ray_rounds(objective: PopulationObjective, *, study_name: str, ray_address: 
                 param_space={"candidate": tune.grid_search(list(range(len(specs)))),
                              "spec": tune.sample_from(lambda config: candidates[config["candidate"]]["spec"])},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
-                run_config=tune.RunConfig(name=f"{study_name}-round{round_index}", storage_path=ray_dir, verbose=0,
+                run_config=tune.RunConfig(name=f"{study_name}-round{round_index}", storage_path=ray_options.storage_path, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
             by_candidate = {result.config["candidate"]: result for result in tuner.fit()}
             return [_outcome(by_candidate[i]) for i in range(len(specs))]

@@ -8,15 +8,17 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from marginsearch.losses import identify
+from marginsearch.losses import MarginSpec, SpecError, identify
 
 from .space import SearchSpace, SpaceError
 
-__all__ = ["TrialFailed", "TrialRow", "SearchResult", "row_of", "rows_of", "FAIL_REASON", "BASELINE", "ROUND"]
+__all__ = ["TrialFailed", "TrialRow", "SearchResult", "row_of", "rows_of", "store_spec", "FAIL_REASON", "BASELINE",
+           "ROUND", "SPEC"]
 
 FAIL_REASON = "fail_reason"   # user attr: why a trial failed
 BASELINE = "baseline"         # user attr: the named loss an enqueued baseline trial stands for
 ROUND = "round"               # user attr: the round of a population-mode trial
+SPEC = "spec"                 # user attr: the trial's MarginSpec (`to_dict`), the one stored copy rows read back
 
 Objective = Callable[[Any, Callable[[int, float], None]], float]
 
@@ -35,7 +37,7 @@ class TrialRow:
 
     number: int
     params: dict[str, Any]
-    spec: dict[str, Any] | None
+    spec: MarginSpec | None
     named: str | None
     reward: float | None
     state: str                          # COMPLETE, PRUNED or FAIL
@@ -43,15 +45,28 @@ class TrialRow:
     intermediate: dict[int, float] = field(default_factory=dict)
     baseline: str | None = None         # the named loss this trial was enqueued as
     round: int | None = None            # population mode only
+    fields: dict[str, Any] = field(default_factory=dict)  # the spec fields its params set (flat names: target.m2_rad …)
+
+
+def store_spec(set_user_attr: Callable[[str, Any], None], spec: MarginSpec) -> None:
+    """Store a trial's spec once, as the `spec` user attr (`MarginSpec.to_dict`); `row_of` reads it back."""
+    set_user_attr(SPEC, spec.to_dict())
+
+
+def _spec_of(trial: FrozenTrial, space: SearchSpace) -> MarginSpec | None:
+    """The stored spec; for a trial that stored none (it failed before its objective ran), the space's spec of its params."""
+    try:
+        if SPEC in trial.user_attrs:
+            return MarginSpec.from_dict(trial.user_attrs[SPEC])
+        return space.to_spec(trial.params)
+    except (SpaceError, SpecError):
+        return None
 
 
 def row_of(trial: FrozenTrial, space: SearchSpace) -> TrialRow:
-    """The row of a finished trial (spec rebuilt from its params)."""
-    try:
-        spec = space.to_spec(trial.params)
-        spec_dict, name = spec.to_dict(), identify(spec)
-    except SpaceError:
-        spec_dict, name = None, None
+    """The row of a finished trial, its spec read back from the stored copy."""
+    spec = _spec_of(trial, space)
+    name = identify(spec) if spec is not None else None
     reason = trial.user_attrs.get(FAIL_REASON, "")
     if trial.state == TrialState.PRUNED and not reason:
         reason = f"pruned after epoch {trial.last_step}" if trial.last_step is not None else "pruned"
@@ -60,9 +75,10 @@ def row_of(trial: FrozenTrial, space: SearchSpace) -> TrialRow:
     retried = trial.system_attrs.get("failed_trial")
     if retried is not None:
         reason = f"{reason}; retry of trial id {retried}".lstrip("; ")
-    return TrialRow(trial.number, dict(trial.params), spec_dict, name,
+    fields = space.searched_fields(spec, trial.params) if spec is not None else {}
+    return TrialRow(trial.number, dict(trial.params), spec, name,
                     trial.value if trial.state == TrialState.COMPLETE else None, trial.state.name, reason,
-                    dict(trial.intermediate_values), trial.user_attrs.get(BASELINE), trial.user_attrs.get(ROUND))
+                    dict(trial.intermediate_values), trial.user_attrs.get(BASELINE), trial.user_attrs.get(ROUND), fields)
 
 
 def rows_of(study: optuna.Study, space: SearchSpace) -> list[TrialRow]:
@@ -94,7 +110,7 @@ class SearchResult:
         return max(done, key=lambda r: r.reward) if done else None
 
     def to_markdown(self, columns: Mapping[str, Callable[[TrialRow], Any]] | None = None) -> str:
-        """A markdown table: trial, round, named loss, state, reward, reward per epoch, params, reason."""
+        """A markdown table: trial, round, named loss, state, reward, reward per epoch, the spec fields searched, reason."""
         columns = columns or {
             "trial": lambda r: r.number,
             "round": lambda r: "" if r.round is None else r.round,
@@ -102,7 +118,7 @@ class SearchResult:
             "state": lambda r: r.state,
             "reward": lambda r: "" if r.reward is None else _fmt(r.reward),
             "per epoch": lambda r: " ".join(_fmt(v) for _, v in sorted(r.intermediate.items())),
-            "params": lambda r: ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items()),
+            "spec fields": lambda r: ", ".join(f"{k}={_fmt(v)}" for k, v in r.fields.items()),
             "reason": lambda r: r.reason,
         }
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -37,6 +37,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from .options import DEFAULT_POPULATION
+
 __all__ = ["RewardGuidedSampler", "NORMALISERS", "DRAW_ATTR", "ROUND_ATTR"]
 
 DRAW_ATTR = "reward_guided:draw:"
@@ -110,7 +112,7 @@ class _Policy:
 class RewardGuidedSampler(BaseSampler):
     """REINFORCE over a Gaussian / softmax policy per parameter, in rounds of `population` trials (see module doc)."""
 
-    def __init__(self, *, space: Any = None, population: int = 8, sigma: float = 0.2, sigma_decay: float = 1.0,
+    def __init__(self, *, space: Any = None, population: int = DEFAULT_POPULATION, sigma: float = 0.2, sigma_decay: float = 1.0,
                  sigma_min: float = 0.0, lr: float = 0.05, betas: tuple[float, float] = (0.5, 0.999),
                  normalise: str = "range", use_pruned: bool = False, seed: int | None = None) -> None:
         if population < 1:

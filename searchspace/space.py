@@ -39,13 +39,14 @@ from marginsearch.losses import MarginSpec, SpecError, identify
 from marginsearch.losses.spec import SLOTS
 
 from .transforms import TRANSFORMS
+from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["SpaceError", "Parameter", "Fixed", "SearchSpace", "load", "builtin_spaces", "SPACES_DIR"]
+__all__ = ["SpaceError", "Parameter", "Fixed", "SearchSpace", "load", "builtin_spaces", "SPACES_DIR", "with_fields"]
 
 SPACES_DIR = Path(__file__).parent / "spaces"
 
 
-class SpaceError(ValueError):
+class SpaceError(MarginsearchError):
     """A search space that cannot be loaded or used, or a spec / params it cannot express."""
 
 
@@ -145,6 +146,23 @@ def _nest(fields: Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError(f"{slot}.{name}: items {sorted(by_index)} are not contiguous from 0")
         out[slot][name] = [by_index[i] for i in range(len(by_index))]
     return out
+
+
+def with_fields(spec: MarginSpec, fields: Mapping[str, Any]) -> MarginSpec:
+    """`spec` with some of its flat fields (the names `spec.flat()` prints: ``s``, ``target.m2_rad`` …) set; SpecError naming a bad one.
+
+    The same names a space file's `sets` and `marginsearch train --set` use. A slot the spec does
+    not have needs its ``<slot>.kind`` too (e.g. ``negative.kind = "negative"``).
+    """
+    flat = spec.flat()
+    for path in fields:
+        m = _PATH.fullmatch(path)
+        if m is None or m["index"] is not None or (m["field"] is None and path not in ("s", "learnable_scale")):
+            raise SpecError(f"unknown spec field {path!r}; the spec's fields: {', '.join(flat)}")
+    try:
+        return MarginSpec.from_dict(_nest({**flat, **fields}))
+    except SpecError as exc:
+        raise SpecError(f"{exc} (the spec's fields: {', '.join(flat)})") from None
 
 
 _MISSING = object()
@@ -306,6 +324,12 @@ class SearchSpace:
         label = identify(spec)
         label = repr(label) if label else "this spec"
         raise SpaceError(f"space {self.name!r} cannot express {label}: {best[1]}")
+
+    def searched_fields(self, spec: MarginSpec, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The spec fields that the active parameters of `params` set, by their flat names (``target.m2_rad``, ``modulation.a[0]``)."""
+        spec_dict = spec.to_dict()
+        values = {p.sets: _lookup(spec_dict, p.sets) for p in self.active(params) if p.sets is not None}
+        return {path: value for path, value in values.items() if value is not _MISSING}
 
     def contains(self, spec: MarginSpec) -> bool:
         """Whether some params of this space give exactly `spec`."""

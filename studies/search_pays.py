@@ -112,7 +112,8 @@ def _finite(value: float | None) -> float:
 
 def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
     """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on the full budget."""
-    from marginsearch.losses import MarginSpec, identify
+    from marginsearch.losses import identify
+    from marginsearch.searchspace.options import StudyOptions
     from marginsearch.searchspace.population import run_population
     from marginsearch.trainers.budget import budget_from
     from marginsearch.trainers.objective import PopulationObjective
@@ -120,11 +121,12 @@ def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, An
     rounds = max(1, args.trials * args.proxy_epochs // args.population)
     objective = PopulationObjective(mode.source, budget_from(mode.proxy, epochs=rounds, seed=seed))
     result = run_population(args.space, objective, rounds, population=args.population, seed=seed,
-                            study_name=f"search-pays-population-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"),
+                            study=StudyOptions(name=f"search-pays-population-s{seed}"
+                                               + ("" if args.space == "unified" else f"-{args.space}")),
                             callbacks=[lambda row: log(f"  round {row.round} trial {row.number} {row.state} "
                                                        f"reward {row.reward}")])
     last = result.best_per_round[-1] or result.best
-    spec = MarginSpec.from_dict(last.spec)
+    spec = last.spec
     log(f"population: retraining the last round's best spec on the full budget ({mode.full.epochs} epochs)")
     history = [[i + 1, r.reward] for i, r in enumerate(result.rows)]
     return {"method": "population", "seed": seed, "campaign": f"population-s{seed}", "spec": spec.to_dict(),

@@ -157,7 +157,7 @@ CAMPAIGN_CASES = [
 ]
 
 OTHER_CASES = [
-    (["train", "--loss", "arcface", "--set", "m=4"], "angular margin must be in (−π, π) radians, got 4"),
+    (["train", "--loss", "arcface", "--set", "target.m2_rad=4"], "angular margin must be in (−π, π) radians, got 4"),
     (["train", "--loss", "arcfcae"], "arcfcae"),
     (["train", "--loss", "arcface", "--set", "q=1"], "q"),
     (lambda f: ["train", "--spec", str(f["dir"] / "spec.json")], "not JSON"),

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marginsearch.losses.errors import MarginsearchError
+
 __all__ = [
     "BACKBONES",
     "EmbeddingModel",
@@ -264,7 +266,7 @@ def build_backbone(name: str, embedding_size: int, input_size: int | Size, **kwa
     try:
         factory = BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+        raise MarginsearchError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
     return factory(embedding_size=embedding_size, input_size=input_size, **kwargs)
 
 

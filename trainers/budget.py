@@ -1,18 +1,29 @@
-"""A training budget: what a proxy or a full training of one candidate may spend."""
+"""A training budget: what a proxy or a full training of one candidate may spend.
+
+`BUDGETS` is the one source of the named budgets: `Budget()` is the full budget, and the proxy
+differs from it in epochs, identities and validation pairs only. `marginsearch train --budget`,
+campaigns (`[budget.proxy]` / `[budget.full]` override these fields) and the studies all start from it.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["Budget", "BUDGETS", "budget_from"]
+from marginsearch.losses.errors import MarginsearchError
+
+__all__ = ["Budget", "BudgetError", "BUDGETS", "budget_from"]
+
+
+class BudgetError(MarginsearchError):
+    """A budget field that is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
 class Budget:
     """Epochs, identity subset, image size, backbone, batch, optimizer and schedule of one training."""
 
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 128
     backbone: str = "tiny"
     embedding_size: int = 128
@@ -50,12 +61,12 @@ class Budget:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"budget: {message}")
+                raise BudgetError(f"budget: {message}")
 
 
 BUDGETS: dict[str, Budget] = {
-    "proxy": Budget(epochs=4),
-    "full": Budget(epochs=12),
+    "proxy": Budget(epochs=3, identities=300, eval_pairs=2000),  # a search trial: a short run on a subset
+    "full": Budget(),                                            # a promoted candidate
 }
 
 
@@ -66,11 +77,11 @@ def budget_from(name_or_budget: str | Budget = "proxy", **overrides: Any) -> Bud
     elif name_or_budget in BUDGETS:
         base = BUDGETS[name_or_budget]
     else:
-        raise ValueError(f"unknown budget {name_or_budget!r}; choose one of {', '.join(BUDGETS)}")
+        raise BudgetError(f"unknown budget {name_or_budget!r}; choose one of {', '.join(BUDGETS)}")
     fields = {f.name for f in dataclasses.fields(Budget)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"budget: unknown field(s) {unknown}; known: {', '.join(sorted(fields))}")
+        raise BudgetError(f"budget: unknown field(s) {unknown}; known: {', '.join(sorted(fields))}")
     return dataclasses.replace(base, **overrides)
 
 

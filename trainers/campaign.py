@@ -25,11 +25,11 @@ from marginsearch.searchspace import load as load_space
 from marginsearch.searchspace.results import SearchResult, TrialFailed, TrialRow
 
 from .budget import Budget, budget_dict
-from .config import CampaignConfig, config_to_toml
+from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
-from .tracking import TAG, CampaignTracker, check_tracking_uri, fault_point, figure_files, resolve_tracking_uri
+from .tracking import TAG, CampaignTracker, check_tracking_uri, figure_files, resolve_tracking_uri
 from .train import train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
@@ -69,9 +69,7 @@ class TrackedObjective:
         trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, {f"{TAG}campaign_key": self.campaign_key})
         with trial:
             def on_epoch(epoch_report: Any) -> None:
-                fault_point("trial")
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
-                fault_point("log")
                 if epoch_report.epoch >= self.budget.epochs:
                     trial.exit_state = "complete"  # Ray Tune ends a finished trial with SystemExit too
                 report(epoch_report.epoch, epoch_report.reward)
@@ -84,7 +82,6 @@ class TrackedObjective:
                 trial.finish("failed", f"reward is {result.reward}")
                 raise TrialFailed(f"reward {self.budget.reward_metric} is {result.reward}")
             trial.finish("complete", reward=result.reward)
-            fault_point("finish")
             return result.reward
 
 
@@ -179,7 +176,7 @@ def _space_text(space: str) -> str:
 # ---------------------------------------------------------------------------- search
 def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str,
             log: Callable[[str], None]) -> SearchResult:
-    from marginsearch.searchspace.search import run_search
+    from marginsearch.searchspace.search import RayOptions, StudyOptions, run_search
 
     s = config.search
     _retry_abandoned_trials(config, key, log)
@@ -187,11 +184,11 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
     log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
         f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
     return run_search(s.space, objective, backend=s.backend, sampler=s.sampler, n_trials=s.trials + len(s.baselines),
-                      seed=config.campaign.seed, pruner=s.pruner, storage=storage_url(config), study_name=key,
-                      baselines=list(s.baselines), resume=True, population=s.population,
-                      ray_address=s.ray_address or None,
-                      resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-                      ray_dir=str(config.workdir / "ray_results"),
+                      seed=config.campaign.seed, population=s.population, pruner=s.pruner,
+                      baselines=list(s.baselines), study=StudyOptions(storage_url(config), key, resume=True),
+                      ray=RayOptions(address=s.ray_address or None,
+                                     resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
+                                     storage_path=str(config.workdir / "ray_results")),
                       callbacks=[lambda row: log(_row_line(row))])
 
 
@@ -233,14 +230,12 @@ def _candidates(rows: list[TrialRow], top_k: int, with_baseline: bool) -> list[T
     """The top-k distinct complete specs by reward, plus the best named baseline if it is not among them."""
     done = sorted((r for r in rows if r.state == "COMPLETE" and r.spec is not None and r.reward is not None),
                   key=lambda r: -r.reward)
-    picked, seen = [], set()
+    picked: list[TrialRow] = []
     for row in done:
-        key = json.dumps(row.spec, sort_keys=True)
-        if key not in seen and len(picked) < top_k:
+        if len(picked) < top_k and all(row.spec != p.spec for p in picked):
             picked.append(row)
-            seen.add(key)
     baselines = [r for r in done if r.baseline or r.named]
-    if with_baseline and baselines and json.dumps(baselines[0].spec, sort_keys=True) not in seen:
+    if with_baseline and baselines and all(baselines[0].spec != p.spec for p in picked):
         picked.append(baselines[0])
     return picked
 
@@ -267,14 +262,14 @@ def _evaluate(config: CampaignConfig, model: Any, seed: int) -> dict[str, float]
     for source in config.data.verification:
         pairs = evaluation_data(source)
         if not isinstance(pairs, PairSet):
-            raise ValueError(f"data.verification: {source} is not a pair list (use bin:... or pairs:...@root)")
+            raise ConfigError(f"data.verification: {source} is not a pair list (use bin:... or pairs:...@root)")
         metrics.update({f"{pairs.name}/{k}": v for k, v in judge_pairs(model, pairs.images, pairs.issame).items()})
     return metrics
 
 
 def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str, row: TrialRow,
                  log: Callable[[str], None]) -> Promoted:
-    spec = MarginSpec.from_dict(row.spec)
+    spec = row.spec
     skey = spec_key(spec)
     promoted_key = f"{key}/promoted/{skey}"
     trial_run_id = tracker.find_run({f"{TAG}trial_key": f"{key}/{skey}"}) or ""
@@ -288,7 +283,7 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
     log(f"promote: training {named or 'searched spec ' + skey} on the full budget ({budget.epochs} epochs)")
     data = data_for(config.data.train)
     checkpoint = config.workdir / "checkpoints" / key / f"{skey}.pt"
-    result = train(spec, data, budget, checkpoint=checkpoint, progress=True, on_epoch=lambda r: fault_point("promote"))
+    result = train(spec, data, budget, checkpoint=checkpoint, progress=True)
     if result.status == "diverged":
         raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
     metrics = _evaluate(config, result.model, budget.seed)
@@ -316,7 +311,6 @@ def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[P
     from .registry import register_and_gate, set_challenger
 
     for p in sorted(promoted, key=lambda p: p.metrics.get(metric, -math.inf)):  # best last: it meets the gate last
-        fault_point("register")
         gate = register_and_gate(tracker.client, config.model_name, p.run_id, metric,
                                  p.metrics.get(metric, math.nan))
         p.version, p.became_champion, p.gate_reason = gate.version, gate.became_champion, gate.reason
@@ -386,7 +380,6 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
             named = current.tags.get(f"{TAG}named_loss", "none")
             campaign.champion_label = labels.get(str(current.version), named if named != "none" else "a searched spec")
         tracker.set_tags(parent, {f"{TAG}phase": "done"})
-        fault_point("end")
         best = max((p.metrics.get(metric, -math.inf) for p in campaign.promoted), default=-math.inf)
         tracker.end_search(parent, campaign.summary(), figures,
                            {"best_proxy_reward": (result.best.reward if result.best else math.nan),
@@ -405,6 +398,6 @@ def _read_search(config: CampaignConfig, key: str) -> SearchResult:
     try:
         study = optuna.load_study(study_name=key, storage=storage_url(config))
     except KeyError:
-        raise ValueError(f"campaign {key} has no search in {storage_url(config)}; run `marginsearch search` first") from None
+        raise ConfigError(f"campaign {key} has no search in {storage_url(config)}; run `marginsearch search` first") from None
     return SearchResult(rows_of(study, space), config.search.backend, key, storage_url(config), study)
 

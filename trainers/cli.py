@@ -24,11 +24,14 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from marginsearch.losses.errors import MarginsearchError
+
+from .faults import install_from_environment
 
 __all__ = ["main", "parse_assignments", "COMMANDS"]
 
 
-class UsageError(ValueError):
+class UsageError(MarginsearchError):
     """Bad command-line input."""
 
 
@@ -52,6 +55,14 @@ def parse_assignments(items: Sequence[str] | None, what: str = "--set") -> dict[
 
 
 def _spec(args: argparse.Namespace):
+    """The named loss or spec file, with `--set` fields (flat names as `spec.flat()` prints them) applied."""
+    from marginsearch.searchspace.space import with_fields
+
+    spec = _base_spec(args)
+    return with_fields(spec, parse_assignments(args.set)) if args.set else spec
+
+
+def _base_spec(args: argparse.Namespace):
     from marginsearch.losses import MarginSpec, named
 
     if args.spec:
@@ -62,7 +73,7 @@ def _spec(args: argparse.Namespace):
             return MarginSpec.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise UsageError(f"--spec {path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    return named(args.loss, **parse_assignments(args.set))
+    return named(args.loss)
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
@@ -251,7 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--loss", help="a named loss (see `marginsearch losses`)")
     g.add_argument("--spec", metavar="FILE.json", help="a MarginSpec as JSON (MarginSpec.to_dict)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a parameter of the named loss")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a spec field, named as `spec.flat()` prints them, e.g. target.m2_rad=0.45 or s=32")
     s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
     s.add_argument("--budget", default="proxy", help="proxy or full")
     s.add_argument("--budget-set", action="append", metavar="KEY=VALUE", help="override a budget field, e.g. epochs=2")
@@ -299,16 +311,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    install_from_environment()  # MARGINSEARCH_FAULT=<point>:<n>: the kill-and-resume tests' one seam
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:  # SpecError, DataError, SourceError, budget errors
+    except MarginsearchError as exc:  # bad input (SpecError, ConfigError, DataError, ...); anything else is a bug
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marginsearch {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"marginsearch {args.command}: interrupted", file=sys.stderr)
         return 130
-
+    except BrokenPipeError:  # `marginsearch losses | head`: the reader went away; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,12 +19,15 @@ from typing import Any, Mapping
 
 import tomllib
 
-from .budget import Budget, budget_from
+from marginsearch.searchspace.options import DEFAULT_POPULATION
+
+from .budget import BUDGETS, Budget, budget_from
+from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["ConfigError", "CampaignConfig", "load_config", "override", "config_to_toml"]
 
 
-class ConfigError(ValueError):
+class ConfigError(MarginsearchError):
     """A campaign config that cannot be used: unknown section or key, wrong type, bad value."""
 
 
@@ -55,7 +58,7 @@ class SearchSection:
     sampler: str = "reward-guided"         # reward-guided, tpe, cmaes, random, grid-named
     pruner: str = "median"                 # none, median, hyperband (ASHA under Ray)
     trials: int = 12                       # sampled trials, named baselines not counted
-    population: int = 4                    # reward-guided: candidates per policy round
+    population: int = DEFAULT_POPULATION   # reward-guided: candidates per policy round
     baselines: tuple[str, ...] = ("normface", "cosface", "arcface", "combined")
     storage: str = ""                      # "" = sqlite:///<workdir>/optuna.db; any SQLAlchemy URL or journal:<path>
     ray_address: str = ""                  # "" = a local Ray; "auto", "host:6379" or "ray://host:10001"
@@ -81,12 +84,6 @@ class TrackingSection:
     experiment: str = ""                   # "" = marginsearch-<campaign name>
 
 
-DEFAULT_BUDGETS: dict[str, dict[str, Any]] = {
-    "proxy": {"epochs": 3, "identities": 300, "eval_pairs": 2000},
-    "full": {"epochs": 10},
-}
-
-
 @dataclass(frozen=True)
 class CampaignConfig:
     """The whole campaign: its sections and the proxy and full budgets."""
@@ -96,8 +93,7 @@ class CampaignConfig:
     search: SearchSection = field(default_factory=SearchSection)
     promote: PromoteSection = field(default_factory=PromoteSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
-    budget: Mapping[str, Budget] = field(
-        default_factory=lambda: {k: budget_from(k, **v) for k, v in DEFAULT_BUDGETS.items()})
+    budget: Mapping[str, Budget] = field(default_factory=lambda: dict(BUDGETS))
 
     @property
     def model_name(self) -> str:

@@ -12,9 +12,16 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc", "roc_curve",
+from marginsearch.losses.errors import MarginsearchError
+
+__all__ = ["EvaluationError", "THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc", "roc_curve",
            "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold", "identification_rank1",
            "split_by_frequency", "accuracy_by_frequency"]
+
+
+class EvaluationError(MarginsearchError):
+    """Pairs or labels a protocol cannot be measured on: one class of pairs only, no identity with two images."""
+
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 distance thresholds of the insightface protocol
 
@@ -82,7 +89,7 @@ def _check_scores(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, n
     if s.shape != y.shape:
         raise ValueError(f"scores and issame differ in length: {s.shape[0]} vs {y.shape[0]}")
     if not y.any() or y.all():
-        raise ValueError("need both positive and negative pairs to measure TAR@FAR / AUC")
+        raise EvaluationError("need both positive and negative pairs to measure TAR@FAR / AUC")
     return s, y
 
 
@@ -138,7 +145,7 @@ def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int, seed: int = 0)
     groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     pos = np.array([(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]], dtype=np.int64).reshape(-1, 2)
     if len(pos) == 0:
-        raise ValueError("no identity has two images: cannot form a positive pair")
+        raise EvaluationError("no identity has two images: cannot form a positive pair")
     pos = pos[rng.choice(len(pos), size=min(n_pos, len(pos)), replace=False)]
     n = len(labels)
     max_neg = n * (n - 1) // 2 - sum(len(g) * (len(g) - 1) // 2 for g in groups)

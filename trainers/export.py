@@ -16,9 +16,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model"]
+from marginsearch.losses.errors import MarginsearchError
+
+__all__ = ["ExportError", "FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model"]
 
 FORMATS = ("torchscript", "onnx")
+
+
+class ExportError(MarginsearchError):
+    """A model file or export request that cannot be used: missing, of another kind, an unknown format."""
 META_FILE = "marginsearch.json"
 
 
@@ -36,7 +42,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "torchscript", i
                  extra: Mapping[str, Any] | None = None) -> Path:
     """Write `model` (images → normalised embeddings) to `path` as TorchScript (.pt) or ONNX (.onnx)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
@@ -51,7 +57,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "torchscript", i
     try:
         import onnx
     except ImportError:
-        raise ValueError("ONNX export needs the onnx package: pip install 'marginsearch[export]'") from None
+        raise ExportError("ONNX export needs the onnx package: pip install 'marginsearch[export]'") from None
     buf = io.BytesIO()
     with warnings.catch_warnings():  # torch 2.9+ flags the TorchScript-based exporter as legacy; it needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -92,16 +98,16 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"model {path} does not exist")
+        raise ExportError(f"model {path} does not exist")
     if _is_torchscript(path):
         module, meta = load_torchscript(path)
         return module.eval(), meta
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: neither a marginsearch model bundle nor a TorchScript export ({type(exc).__name__})") from None
+        raise ExportError(f"{path}: neither a marginsearch model bundle nor a TorchScript export ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "marginsearch-model/1":
-        raise ValueError(f"{path}: not a marginsearch model bundle")
+        raise ExportError(f"{path}: not a marginsearch model bundle")
     size = int(state["input_size"])
     model = EmbeddingModel(build_backbone(state["backbone"], int(state["embedding_size"]), (size, size)))
     model.load_state_dict(state["state_dict"])

@@ -19,7 +19,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from .tracking import fault_point, mlflow_name
+from .tracking import mlflow_name
+from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["CHAMPION", "CHALLENGER", "GateResult", "RegistryError", "register_and_gate", "set_challenger",
            "champion", "verify_loads"]
@@ -31,7 +32,7 @@ GATE = "marginsearch.gate."
 METRIC = "marginsearch.metric."
 
 
-class RegistryError(ValueError):
+class RegistryError(MarginsearchError):
     """A run, model or version the registry gate cannot use."""
 
 
@@ -170,7 +171,6 @@ def register_and_gate(client: mlflow.MlflowClient, model_name: str, run_id: str,
                     f"{GATE}higher_is_better": str(higher_is_better).lower()})
     for key, value in lineage.items():
         client.set_model_version_tag(model_name, version, key, str(value))
-    fault_point("gate")
     outcome = _decide(client, model_name, version, metric_name, float(metric_value), higher_is_better)
     decision = {"became_champion": str(outcome.became_champion).lower(),
                 "previous_champion_version": outcome.previous_champion_version or "",

@@ -16,13 +16,14 @@ from torch import Tensor
 
 from .judge import LabelledImages
 from .train import TrainData
+from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["SourceError", "PairSet", "parse_source", "training_data", "evaluation_data", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("synthetic", "imagefolder", "recordio", "bin", "pairs")
 
 
-class SourceError(ValueError):
+class SourceError(MarginsearchError):
     """A data source string that cannot be used (unknown kind, missing file, wrong use)."""
 
 

@@ -6,7 +6,9 @@ coordinator owns the search run, each trial's process owns its trial run and reo
 trial key) when the trial is retried or restored. Tracking URIs are absolute (Ray workers chdir).
 
 Run states: complete → FINISHED, pruned → KILLED, failed → FAILED, with the state and the reason
-also kept as tags (`marginsearch.state`, `marginsearch.reason`).
+also kept as tags (`marginsearch.state`, `marginsearch.reason`). A run's spec is recorded once in
+each of two forms: its flat fields as params (`spec.target.m2_rad` …, the names `MarginSpec.flat()`
+prints, as in space files and `--set`) and the exact copy as the artifact `spec.json`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import io
 import json
 import math
 import os
-import signal
 import tempfile
 import time
 import urllib.error
@@ -36,12 +37,13 @@ from mlflow.utils.validation import (
 from torch import nn
 
 from marginsearch.losses import MarginSpec, identify, named
+from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
-           "check_tracking_uri", "log_embedding_model", "target_logit_png", "fault_point", "FAULT_ENV"]
+           "check_tracking_uri", "log_embedding_model", "target_logit_png"]
 
 
-class TrackingError(ValueError):
+class TrackingError(MarginsearchError):
     """A tracking URI, run or argument the tracking layer cannot use."""
 
 
@@ -55,21 +57,6 @@ TAG = "marginsearch."          # prefix of every tag this module writes
 PARENT_TAG = "mlflow.parentRunId"
 CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
 HEALTH_TIMEOUT_S = 3.0
-FAULT_ENV = "MARGINSEARCH_FAULT"  # <phase>:<n>: SIGKILL at the n-th `fault_point(phase)` (fault-injection tests)
-_FAULT_HITS: dict[str, int] = {}
-
-
-def fault_point(phase: str) -> None:
-    """Test hook: with MARGINSEARCH_FAULT=<phase>:<n> in the environment, SIGKILL this process the n-th time `phase` is reached."""
-    wanted = os.environ.get(FAULT_ENV, "")
-    name, _, count = wanted.partition(":")
-    if name != phase:
-        return
-    _FAULT_HITS[phase] = _FAULT_HITS.get(phase, 0) + 1
-    if _FAULT_HITS[phase] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
     """An absolute tracking URI: None → sqlite:////<workdir>/mlflow.db; relative sqlite/file paths → under `workdir`."""
     base = Path(workdir).absolute()
@@ -382,8 +369,7 @@ class CampaignTracker:
         else:
             run = self.client.create_run(self.experiment_id, run_name=f"trial {trial_key}", tags={
                 **{k: _tag_value(v) for k, v in tags.items()}, PARENT_TAG: parent_run_id,
-                f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss,
-                f"{TAG}spec": _tag_value(json.dumps(spec.to_dict()))})
+                f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss})
             run_id = run.info.run_id
         self._log_params(run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params)})
         if not found:
@@ -399,13 +385,12 @@ class CampaignTracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             **{k: _tag_value(v) for k, v in (tags or {}).items()},
             PARENT_TAG: parent_run_id, f"{TAG}trial_run_id": trial_run_id, f"{TAG}kind": "promoted",
-            f"{TAG}named_loss": identify(spec) or "none", f"{TAG}spec": _tag_value(json.dumps(spec.to_dict()))})
+            f"{TAG}named_loss": identify(spec) or "none"})
         with TrialRun(self.client, run.info.run_id) as promoted:
             self._log_params(promoted.run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params or {}),
                                                "input_size": str(input_size)})
             promoted.log_epoch(0, metrics)
             self.log_files(promoted.run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2)})
-            fault_point("promoted-log")
             log_embedding_model(self.client, self.experiment_id, promoted.run_id, model, input_size,
                                 {"spec": spec.to_dict(), "trial_run_id": trial_run_id})
         return run.info.run_id

@@ -13,13 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marginsearch.losses.errors import MarginsearchError
 from marginsearch.losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
 from .judge import LabelledImages, judge
 
-__all__ = ["TrainData", "EpochReport", "TrainResult", "train", "to_float_images"]
+__all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "to_float_images"]
+
+
+class TrainError(MarginsearchError):
+    """A training that cannot start: fewer images than one batch, a batch that does not split, a checkpoint of another run."""
 
 
 @dataclass
@@ -266,16 +271,16 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
     device = torch.device(device)
     data = data.subset(budget.identities)
     if len(data.labels) < budget.batch_size:
-        raise ValueError(f"{data.name}: {len(data.labels)} training images, fewer than one batch of {budget.batch_size}")
+        raise TrainError(f"{data.name}: {len(data.labels)} training images, fewer than one batch of {budget.batch_size}")
     if budget.batch_size % world:
-        raise ValueError(f"budget: batch_size {budget.batch_size} must be divisible by the {world} processes")
+        raise TrainError(f"budget: batch_size {budget.batch_size} must be divisible by the {world} processes")
     size = budget.image_size or data.images.shape[-1]
     torch.manual_seed(budget.seed)
     backbone = build_backbone(budget.backbone, budget.embedding_size, (size, size))
     model = EmbeddingModel(backbone).to(device).to(memory_format=torch.channels_last)  # CPU too: ~15% faster
     sharded = budget.head_parallel and world > 1
     if sharded and auxiliary:
-        raise ValueError("budget: head_parallel does not take auxiliary terms (their class centres are not sharded)")
+        raise TrainError("budget: head_parallel does not take auxiliary terms (their class centres are not sharded)")
     head_type = ShardedMarginSoftmax if sharded else MarginSoftmax
     head = head_type(spec, budget.embedding_size, data.num_classes).to(device)
     loss_module: nn.Module = head
@@ -376,9 +381,9 @@ def _load_checkpoint(path: Path, spec: MarginSpec, budget: Budget, device: torch
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise TrainError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     if state.get("spec") != spec.to_dict() or state.get("budget") != _budget_state(budget):
-        raise ValueError(f"{path}: checkpoint belongs to another spec or budget")
+        raise TrainError(f"{path}: checkpoint belongs to another spec or budget")
     backbone.load_state_dict(state["backbone"])
     loss_module.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])

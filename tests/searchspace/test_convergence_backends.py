@@ -9,7 +9,7 @@ import pytest
 
 from marginsearch.searchspace import RewardGuidedSampler, load
 from marginsearch.searchspace.sampler import to_unit
-from marginsearch.searchspace.search import run_search
+from marginsearch.searchspace.search import RayOptions, run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -78,7 +78,7 @@ def test_converges_in_the_ray_backend(space_path):
         sampler = RewardGuidedSampler(space=load(space_path), seed=0, population=POPULATION, sigma_decay=0.9,
                                       sigma_min=0.05)
         result = run_search(space_path, quadratic, backend="ray", sampler=sampler, n_trials=ROUNDS * POPULATION,
-                            ray_dir=str(space_path.parent / "ray"))
+                            ray=RayOptions(storage_path=str(space_path.parent / "ray")))
     finally:
         ray.shutdown()
     assert len(result.rows) == ROUNDS * POPULATION

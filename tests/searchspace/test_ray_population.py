@@ -7,7 +7,7 @@ import optuna  # noqa: E402
 import pytest  # noqa: E402
 
 from marginsearch.searchspace import TrialFailed, run_population  # noqa: E402
-from marginsearch.searchspace.search import SearchError  # noqa: E402
+from marginsearch.searchspace.search import RayOptions, SearchError, StudyOptions  # noqa: E402
 
 ray = pytest.importorskip("ray")
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -45,8 +45,8 @@ def test_ray_rounds_match_the_in_process_rounds(tmp_path, ray_cluster):
     kw = dict(rounds=rounds, population=population, baselines=["cosface"], seed=0)
     local = run_population("margin", lineage_objective, **kw)
     seen = []
-    remote = run_population("margin", lineage_objective, backend="ray", ray_dir=str(tmp_path / "ray"),
-                            study_name="pop-ray", callbacks=[seen.append], **kw)
+    remote = run_population("margin", lineage_objective, backend="ray", ray=RayOptions(storage_path=str(tmp_path / "ray")),
+                            study=StudyOptions(name="pop-ray"), callbacks=[seen.append], **kw)
     assert remote.backend == "ray-population"
     assert [r.round for r in remote.rows] == [k for k in range(rounds) for _ in range(population)]
     assert [r.number for r in seen] == list(range(rounds * population))  # callbacks in the driver, in order
@@ -70,7 +70,7 @@ def test_ray_backend_rejects_bad_options(ray_cluster):
         run_population("margin", lineage_objective, rounds=1, population=1, backend="dask")
     with pytest.raises(SearchError, match=r"gpu=1 but the Ray cluster has 0 GPU"):
         run_population("margin", lineage_objective, rounds=1, population=1, backend="ray",
-                       resources_per_trial={"cpu": 1, "gpu": 1})
+                       ray=RayOptions(resources_per_trial={"cpu": 1, "gpu": 1}))
 
 
 def test_a_trained_state_round_trips_through_ray_checkpoints(tmp_path, ray_cluster):
@@ -83,13 +83,14 @@ def test_a_trained_state_round_trips_through_ray_checkpoints(tmp_path, ray_clust
                          reward_metric="accuracy")
     objective = PopulationObjective("synthetic:tiny", budget, cache_dir=str(tmp_path / "data"))
     result = run_population("margin", objective, rounds=rounds, population=2, baselines=["arcface"],
-                            backend="ray", ray_dir=str(tmp_path / "ray"), study_name="pop-tiny")
+                            backend="ray", ray=RayOptions(storage_path=str(tmp_path / "ray")),
+                            study=StudyOptions(name="pop-tiny"))
     assert [r.round for r in result.rows] == [0, 0, 1, 1]
     assert all(r.state == "COMPLETE" for r in result.rows)
     history = result.final_state["history"]
     assert [h["epoch"] for h in history] == [1, 2]  # round 1 resumed round 0's best model, not a fresh one
     assert [h["reward"] for h in history] == [b.reward for b in result.best_per_round]
-    assert result.final_state["spec"] == result.best_per_round[-1].spec
+    assert result.final_state["spec"] == result.best_per_round[-1].spec.to_dict()
     assert all(isinstance(v, torch.Tensor) for v in result.final_state["head"].values())
 
 
@@ -100,7 +101,7 @@ def broken_objective(spec, state):
 
 def test_an_erroring_trial_is_fail_with_its_error(tmp_path, ray_cluster):
     result = run_population("margin", broken_objective, rounds=1, population=2, backend="ray",
-                            ray_dir=str(tmp_path / "ray"), study_name="pop-broken")
+                            ray=RayOptions(storage_path=str(tmp_path / "ray")), study=StudyOptions(name="pop-broken"))
     assert [r.state for r in result.rows] == ["FAIL", "FAIL"]
     assert [r.reason for r in result.rows] == ["the trial raised ValueError: budget has no room for another epoch"] * 2
     assert result.best_per_round == [None] and result.final_state is None

@@ -8,7 +8,7 @@ import pytest
 
 from marginsearch.losses import named
 from marginsearch.searchspace import TrialFailed, run_population, run_search
-from marginsearch.searchspace.search import PRUNERS, SAMPLERS, SearchError
+from marginsearch.searchspace.search import PRUNERS, SAMPLERS, SearchError, StudyOptions
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -25,14 +25,14 @@ def toy(spec, report):
 
 def test_table_has_every_trial_once_with_baselines_named(tmp_path):
     seen = []
-    result = run_search("margin", toy, n_trials=10, storage=str(tmp_path / "s.db"), study_name="a",
+    result = run_search("margin", toy, n_trials=10, study=StudyOptions(str(tmp_path / "s.db"), "a"),
                         baselines=["arcface", "cosface", named("arcface")], callbacks=[seen.append])
     assert [r.number for r in result.rows] == list(range(10))
     assert [(r.named, r.baseline) for r in result.rows[:2]] == [("arcface", "arcface"), ("cosface", "cosface")]
     assert [r.number for r in seen] == list(range(10))  # callback once per finished trial, in the driver
     arc = result.rows[0]
     assert arc.reward == pytest.approx(-0.2) and arc.intermediate == {1: pytest.approx(-0.1), 2: pytest.approx(-0.2)}
-    assert arc.spec == named("arcface").to_dict() and arc.state == "COMPLETE"
+    assert arc.spec == named("arcface") and arc.state == "COMPLETE"
     assert result.best.reward == max(r.reward for r in result.rows if r.state == "COMPLETE")
     table = result.to_markdown()
     assert table.splitlines()[0].startswith("| trial |") and "| arcface |" in table and len(table.splitlines()) == 14
@@ -64,17 +64,17 @@ def test_median_pruner_prunes_through_report():
 
 def test_resume_tops_up_and_never_duplicates_baselines(tmp_path):
     storage = str(tmp_path / "s.db")
-    run_search("margin", toy, n_trials=5, storage=storage, study_name="r", baselines="named")
-    result = run_search("margin", toy, n_trials=8, storage=storage, study_name="r", baselines="named")
+    run_search("margin", toy, n_trials=5, study=StudyOptions(storage, "r"), baselines="named")
+    result = run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r"), baselines="named")
     assert [r.number for r in result.rows] == list(range(8))
     assert [r.baseline for r in result.rows].count("arcface") == 1
     assert sorted(r.baseline for r in result.rows if r.baseline) == ["arcface", "combined", "cosface", "normface"]
     with pytest.raises(SearchError, match="already exists"):
-        run_search("margin", toy, n_trials=8, storage=storage, study_name="r", resume=False)
+        run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r", resume=False))
 
 
 def test_journal_storage_and_grid_named(tmp_path):
-    result = run_search("mv", toy, sampler="grid-named", n_trials=50, storage=f"journal:{tmp_path}/j.log", study_name="g")
+    result = run_search("mv", toy, sampler="grid-named", n_trials=50, study=StudyOptions(f"journal:{tmp_path}/j.log", "g"))
     assert [r.named for r in result.rows] == ["mv-am", "mv-arc"]  # sv-am, sv-arc are the same points
     assert (tmp_path / "j.log").exists()
 
@@ -112,7 +112,7 @@ def test_population_mode_carries_the_best_state_forward():
     assert [r.round for r in result.rows] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
     assert result.rows[0].named == "arcface"
     assert len(result.final_state) == 4
-    assert list(result.final_state) == [row.spec["target"]["m2_rad"] for row in result.best_per_round]
+    assert list(result.final_state) == [row.spec.target.m2_rad for row in result.best_per_round]
     for rewards, best in zip(result.rewards_per_round, result.best_per_round):
         assert best.reward == max(rewards)
     assert len(result.trajectory) == 5 and result.trajectory[-1]["rounds"] == 4

@@ -41,7 +41,7 @@ def test_each_study_writes_its_tables_figures_and_runs(results, study):
     assert header in text
     for row in rows:
         assert row in text, f"{study}: no row {row!r}"
-    assert "python studies/" in text and "--reduced" in text  # the command that produced it
+    assert "python -m studies." in text and "--reduced" in text  # the command that produced it
     for name in FIGURES[study]:
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     blob = json.loads((folder / "runs.json").read_text())

@@ -15,7 +15,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_train_evaluate_export(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--loss", "arcface", "--set", "m=0.4", "--data", "synthetic:tiny", "--budget", "proxy",
+    code = main(["train", "--loss", "arcface", "--set", "target.m2_rad=0.4", "--data", "synthetic:tiny", "--budget", "proxy",
                  "--budget-set", "epochs=1", "--budget-set", "batch_size=32", "--budget-set", "eval_pairs=100",
                  "--aux", "range:0.1:margin=0.5", "--out", str(out), "--quiet"])
     assert code == 0
@@ -37,6 +37,7 @@ def test_train_evaluate_export(tmp_path, capsys):
     (["train", "--loss", "arcfcae"], "unknown"),
     (["train", "--loss", "arcface", "--set", "margin=0.5"], "margin"),
     (["train", "--loss", "arcface", "--set", "m=4"], "m"),
+    (["train", "--loss", "arcface", "--set", "target.m2_rad=4"], "target.m2_rad"),
     (["train", "--loss", "cosface", "--data", "imagefolder:/nonexistent/faces"], "does not exist"),
     (["train", "--loss", "cosface", "--data", "ftp:faces"], "unknown data source kind 'ftp'"),
     (["train", "--loss", "cosface", "--budget", "huge"], "unknown budget 'huge'"),

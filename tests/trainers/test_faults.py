@@ -3,7 +3,7 @@
 The kill test runs `marginsearch campaign` in a subprocess with MARGINSEARCH_FAULT=<phase>:<n>
 (a SIGKILL at the n-th time the campaign reaches that point), then re-runs the same command
 until it finishes, and checks the stores with `consistency_problems` (also used by
-bench/fault_injection.py, which kills at ≥ 10 random points).
+studies/fault_injection.py, which kills at ≥ 10 random points).
 """
 from __future__ import annotations
 
@@ -185,15 +185,15 @@ def test_the_sampler_scores_a_failed_trial_as_the_worst_reward_of_its_round():
 # ---------------------------------------------------------------------------- 3. concurrent workers
 def _worker(storage: str, tracking_uri: str, parent: str, cache: str, n_trials: int, seed: int) -> None:
     os.environ["MARGINSEARCH_CACHE"] = cache
-    from marginsearch.searchspace.search import run_search
+    from marginsearch.searchspace.search import StudyOptions, run_search
     from marginsearch.trainers.budget import budget_from
     from marginsearch.trainers.campaign import TrackedObjective
     from marginsearch.trainers.tracking import CampaignTracker
 
     budget = budget_from("proxy", epochs=1, identities=0, batch_size=32, eval_pairs=200, reward_metric="auc")
     objective = TrackedObjective("synthetic:tiny", budget, CampaignTracker(tracking_uri, "workers"), parent, "shared")
-    run_search("margin", objective, sampler="random", n_trials=n_trials, seed=seed, storage=storage,
-               study_name="shared", resume=True)
+    run_search("margin", objective, sampler="random", n_trials=n_trials, seed=seed,
+               study=StudyOptions(storage, "shared", resume=True))
 
 
 def test_two_worker_processes_on_one_study_and_one_mlflow_store_record_every_trial_once(tmp_path, monkeypatch):

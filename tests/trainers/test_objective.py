@@ -7,7 +7,7 @@ import torch  # noqa: E402
 
 from marginsearch.losses import named  # noqa: E402
 from marginsearch.searchspace import TrialFailed, run_population, run_search  # noqa: E402
-from marginsearch.searchspace.search import SearchError  # noqa: E402
+from marginsearch.searchspace.search import RayOptions, SearchError, StudyOptions  # noqa: E402
 from marginsearch.trainers.budget import budget_from  # noqa: E402
 from marginsearch.trainers.objective import PopulationObjective, TrainingObjective  # noqa: E402
 
@@ -40,18 +40,18 @@ def _check_table(result, n_trials):
     baselines = {r.baseline: r for r in result.rows if r.baseline}
     assert sorted(baselines) == sorted(MARGIN_NAMED)
     for name, row in baselines.items():
-        assert row.named == name and row.spec == named(name).to_dict()
+        assert row.named == name and row.spec == named(name)
         assert row.state == "COMPLETE" and 0.0 <= row.reward <= 1.0 and sorted(row.intermediate) == [1, 2]
         assert row.intermediate[2] == row.reward
 
 
 def test_margin_search_on_tiny_with_optuna(tmp_path, cache):
     objective = TrainingObjective("synthetic:tiny", _budget(), cache_dir=cache)
-    result = run_search("margin", objective, n_trials=5, baselines="named", storage=str(tmp_path / "search.db"),
-                        study_name="tiny")
+    result = run_search("margin", objective, n_trials=5, baselines="named",
+                        study=StudyOptions(str(tmp_path / "search.db"), "tiny"))
     _check_table(result, 5)
-    again = run_search("margin", objective, n_trials=5, baselines="named", storage=str(tmp_path / "search.db"),
-                       study_name="tiny")  # resume: nothing left to run, nothing enqueued twice
+    again = run_search("margin", objective, n_trials=5, baselines="named",
+                       study=StudyOptions(str(tmp_path / "search.db"), "tiny"))  # resume: nothing left to run, nothing enqueued twice
     assert [r.number for r in again.rows] == [r.number for r in result.rows]
 
 
@@ -59,7 +59,8 @@ def test_margin_search_on_tiny_with_ray(tmp_path, cache, ray_cluster):
     objective = TrainingObjective("synthetic:tiny", _budget(), cache_dir=cache)
     rows = []
     result = run_search("margin", objective, backend="ray", n_trials=5, baselines="named",
-                        storage=str(tmp_path / "ray.db"), study_name="tiny-ray", ray_dir=str(tmp_path / "ray"),
+                        study=StudyOptions(str(tmp_path / "ray.db"), "tiny-ray"),
+                        ray=RayOptions(storage_path=str(tmp_path / "ray")),
                         callbacks=[rows.append])
     _check_table(result, 5)
     assert sorted(r.number for r in rows) == list(range(5))
@@ -103,7 +104,7 @@ def test_population_rounds_start_from_the_previous_best(cache):
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the final model's lineage: epoch k was trained by round k's best candidate, with its reward
     assert [h["reward"] for h in history] == [b.reward for b in result.best_per_round]
-    assert result.final_state["spec"] == result.best_per_round[-1].spec
+    assert result.final_state["spec"] == result.best_per_round[-1].spec.to_dict()
     # a head of another kind keeps the class centres and starts its own statistics
     carried = objective._carried(result.final_state, named("kappaface"), objective_data(cache))
     assert torch.equal(carried["head"]["weight"], result.final_state["head"]["weight"])

@@ -13,11 +13,8 @@ __all__ = ["DataError", "ImageFolderDataset", "RecordDataset", "write_record_fil
            "decode_image", "load_bin", "load_pairs"]
 
 
-class DataError(ValueError):
-    """A data file that cannot be read: truncated, malformed, or not what its format promises."""
-
-
 _HOME_OF = {
+    "DataError": "errors",
     "ImageFolderDataset": "folder",
     "to_labelled_tensor": "folder",
     "decode_image": "folder",

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import DataError
+from .errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "decode_image", "to_labelled_tensor", "stack_rgb"]
 

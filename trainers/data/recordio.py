@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import DataError
+from .errors import DataError
 from .folder import decode_image
 
 __all__ = ["MAGIC", "RecordDataset", "write_record_file"]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .errors import DataError
 from torch import Tensor
 
 __all__ = ["SyntheticConfig", "SyntheticSplit", "SyntheticBenchmark", "PRESETS", "load_synthetic",
@@ -61,21 +63,21 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for name in ("train_identities", "val_identities", "test_identities"):
             if getattr(self, name) < 2:
-                raise ValueError(f"synthetic: {name} must be ≥ 2, got {getattr(self, name)}")
+                raise DataError(f"synthetic: {name} must be ≥ 2, got {getattr(self, name)}")
         if not 1 <= self.min_images <= self.max_images:
-            raise ValueError(f"synthetic: need 1 ≤ min_images ≤ max_images, got {self.min_images}, {self.max_images}")
+            raise DataError(f"synthetic: need 1 ≤ min_images ≤ max_images, got {self.min_images}, {self.max_images}")
         if self.probe_images < 0:
-            raise ValueError(f"synthetic: probe_images must be ≥ 0, got {self.probe_images}")
+            raise DataError(f"synthetic: probe_images must be ≥ 0, got {self.probe_images}")
         if self.eval_images < 2:
-            raise ValueError(f"synthetic: eval_images must be ≥ 2, got {self.eval_images}")
+            raise DataError(f"synthetic: eval_images must be ≥ 2, got {self.eval_images}")
         if not 8 <= self.image_size <= 256:
-            raise ValueError(f"synthetic: image_size must be in [8, 256], got {self.image_size}")
+            raise DataError(f"synthetic: image_size must be in [8, 256], got {self.image_size}")
         for name in ("hard_fraction", "label_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"synthetic: {name} must be in [0, 1], got {getattr(self, name)}")
+                raise DataError(f"synthetic: {name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("tail_exponent", "family_spread", "nuisance", "hard_strength", "anisotropy"):
             if getattr(self, name) < 0:
-                raise ValueError(f"synthetic: {name} must be ≥ 0, got {getattr(self, name)}")
+                raise DataError(f"synthetic: {name} must be ≥ 0, got {getattr(self, name)}")
 
     def key(self) -> str:
         """Cache key: hash of the configuration and the generator version."""
@@ -306,7 +308,7 @@ def load_synthetic(preset_or_config: str | SyntheticConfig = "demo", cache_dir: 
     """The benchmark for a preset name (tiny, demo, bench) or config, generated once and cached on disk."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown synthetic preset {preset_or_config!r}; choose one of {', '.join(PRESETS)}")
+            raise DataError(f"unknown synthetic preset {preset_or_config!r}; choose one of {', '.join(PRESETS)}")
         cfg = PRESETS[preset_or_config]
     else:
         cfg = preset_or_config

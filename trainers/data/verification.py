@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import DataError
+from .errors import DataError
 from .folder import decode_image, read_image_file, stack_rgb
 
 __all__ = ["load_bin", "load_pairs"]

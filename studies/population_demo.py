@@ -1,7 +1,7 @@
 """Population-mode search (AM-LFS / Search-Softmax rounds): learning curve and policy mean per round, as a plot.
 
-    python bench/population_demo.py out/population.png                     # demo preset, margin space, 8 rounds × 8
-    python bench/population_demo.py out/pop.png --preset tiny --rounds 2 --population 2   # smoke run
+    python -m studies.population_demo out/population.png                     # demo preset, margin space, 8 rounds × 8
+    python -m studies.population_demo out/pop.png --preset tiny --rounds 2 --population 2   # smoke run
 
 Each round trains `population` candidates for one epoch from the previous round's best model.
 Prints the result table and writes a two-panel figure: rewards per round (all candidates and the
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: PopulationResult, args: argparse.Namespace, seconds: float, argv: list[str] | None) -> str:
     """Best and mean reward per round, and the policy mean μ (native units) after the last round."""
-    cmd = "python bench/population_demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m studies.population_demo " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"Population mode on `synthetic:{args.preset}`, space `{args.space}`: {args.rounds} rounds × "
              f"{args.population} candidates, one epoch each from the previous round's best model "
              f"({seconds / 60:.1f} min; `{cmd.strip()}`).", "",

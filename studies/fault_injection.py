@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL small campaigns at random points, resume each until it finishes, check the stores.
 
-    .venv/bin/python bench/fault_injection.py [--campaigns 3] [--kills 4] [--seed 0]
+    .venv/bin/python -m studies.fault_injection [--campaigns 3] [--kills 4] [--seed 0]
 
 Each kill is either a hook (MARGINSEARCH_FAULT=<phase>:<n>, a SIGKILL the n-th time the campaign
 reaches that point, n random) or a SIGKILL after a random delay. After the kills the same command
