@@ -51,19 +51,25 @@ def _hard(cos: Tensor, threshold: Tensor) -> Tensor:
 
 
 def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, labels: Tensor,
-                  threshold: Tensor | None, rule: str | None, t: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor | None]:
-    """(negative logits z [B, hi − lo] with −inf in the target cells, unclamped cosines or None without a rule).
+                  threshold: Tensor | None, rule: str | None, t: Tensor, lo: int, hi: int,
+                  clamp: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """(negative logits z [B, hi − lo] with −inf in the target cells, unclamped cosines or None).
 
-    Without a rule z = s·cos is written over the matmul's output; with one, z = s·g(cos) on the
-    mis-classified cells (cos > threshold) and the cosines are returned too.
+    Without a rule or clamp z = s·cos is written over the matmul's output; with a rule, z = s·g(c)
+    on the mis-classified cells (c > threshold), c the cosines clamped to ±(1 − clamp) if clamp > 0,
+    and the unclamped cosines are returned too.
     """
     rows, cols = _target_cells(labels, lo, hi)
     product = x_unit @ weight[lo:hi].t()
-    if rule is None:
+    if rule is None and clamp == 0.0:
         z, cos = product.mul_(inv[lo:hi] * scale), None
     else:
         cos = product.mul_(inv[lo:hi])
-        z = torch.addcmul(cos, _hard(cos, threshold), T.NEGATIVE_RULE_DELTAS[rule](cos, t)).mul_(scale)
+        c = T.clamp_cos(cos, clamp)
+        if rule is None:
+            z = c * scale
+        else:
+            z = torch.addcmul(c, _hard(c, threshold), T.NEGATIVE_RULE_DELTAS[rule](c, t)).mul_(scale)
     z.index_put_((rows, cols), z.new_full((), -float("inf")))
     return z, cos
 
@@ -78,7 +84,7 @@ def block_classes(batch: int, num_classes: int, device: torch.device) -> int:
 class _NegativeLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_unit: Tensor, weight: Tensor, scale: Tensor, labels: Tensor, threshold: Tensor | None,
-                rule: str | None, t: Tensor, chunk: int | None) -> tuple[Tensor, Tensor]:
+                rule: str | None, t: Tensor, chunk: int | None, clamp: float) -> tuple[Tensor, Tensor]:
         num_classes = weight.shape[0]
         step = min(chunk or num_classes, block_classes(x_unit.shape[0], num_classes, x_unit.device))
         inv = inverse_norms(weight)
@@ -88,21 +94,21 @@ class _NegativeLogSumExp(torch.autograd.Function):
         kept_cos: list[Tensor] = []
         for lo in range(0, num_classes, step):
             hi = min(num_classes, lo + step)
-            z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
+            z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi, clamp)
             lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
             if chunk is None:  # full mode: keep each block for the backward instead of recomputing it
                 kept_z.append(z)
                 if cos is not None:
                     kept_cos.append(cos)
         ctx.save_for_backward(x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept_z, *kept_cos)
-        ctx.rule, ctx.step, ctx.kept = rule, step, len(kept_z)
+        ctx.rule, ctx.step, ctx.kept, ctx.clamp = rule, step, len(kept_z), clamp
         return lse, cos_y_raw.clamp(-1.0, 1.0)
 
     @staticmethod
     def backward(ctx, g_lse: Tensor, g_cos_y: Tensor):
         x_unit, weight, scale, labels, threshold, t, inv, lse, cos_y_raw, *kept = ctx.saved_tensors
         kept_z, kept_cos = kept[:ctx.kept], kept[ctx.kept:]
-        num_classes, step, rule = weight.shape[0], ctx.step, ctx.rule
+        num_classes, step, rule, clamp = weight.shape[0], ctx.step, ctx.rule, ctx.clamp
         need_x, need_w, need_s = ctx.needs_input_grad[:3]
         g_x = torch.zeros_like(x_unit) if need_x else None
         g_w = torch.empty_like(weight) if need_w else None
@@ -119,40 +125,44 @@ class _NegativeLogSumExp(torch.autograd.Function):
             if kept_z:
                 z, cos = kept_z[block], (kept_cos[block] if kept_cos else None)
             else:
-                z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi)
+                z, cos = _chunk_logits(x_unit, weight, inv, scale, labels, threshold, rule, t, lo, hi, clamp)
             rows, cols = _target_cells(labels, lo, hi)
             d_raw = torch.sub(z, lse[:, None]).exp_().mul_(g_lse[:, None])  # dL/dz_ij, 0 in the target cells
             if need_s:  # dz/ds = z/s on the negatives
                 g_s += (d_raw * z).index_put_((rows, cols), z.new_zeros(())).sum() / scale
-            if rule is not None:  # dz/dcos = s·g'(cos) on the mis-classified cells, s elsewhere
-                d_raw.mul_(torch.addcmul(cos.new_ones(()), _hard(cos, threshold), T.NEGATIVE_RULE_DELTA_GRADS[rule](cos, t)))
+            if rule is not None:  # dz/dc = s·g'(c) on the mis-classified cells, s elsewhere
+                c = T.clamp_cos(cos, clamp)
+                d_raw.mul_(torch.addcmul(c.new_ones(()), _hard(c, threshold), T.NEGATIVE_RULE_DELTA_GRADS[rule](c, t)))
+            if clamp > 0.0:   # dc/dcos = 1 inside [−1 + clamp, 1 − clamp], else 0 (clamp's gradient)
+                d_raw.mul_(((cos >= -1.0 + clamp) & (cos <= 1.0 - clamp)).to(d_raw.dtype))
             d_raw.mul_(inv[lo:hi] * scale)   # dL/d(x_unit·W_j)
             d_raw.index_put_((rows, cols), target_raw.index_select(0, rows))
             if need_x:
                 g_x.addmm_(d_raw, weight[lo:hi])
             if need_w:  # Σ_i dL/dcos_ij·cos_ij = Σ_i d_raw_ij·cos_ij/inv_j, over d_raw's buffer
                 torch.mm(d_raw.t(), x_unit, out=g_w[lo:hi])
-                if rule is None:
+                if cos is None:
                     column = d_raw.mul_(z).index_put_((rows, cols), z.new_zeros(())).sum(0) / (inv[lo:hi] * scale)
                 else:
                     column = d_raw.mul_(cos).index_put_((rows, cols), z.new_zeros(())).sum(0) / inv[lo:hi]
                 g_w[lo:hi].addcmul_(weight[lo:hi], ((column + target_sum[lo:hi]) * norm_coef[lo:hi])[:, None])
-        return g_x, g_w, g_s, None, None, None, None, None
+        return g_x, g_w, g_s, None, None, None, None, None, None
 
 
 def negative_logsumexp(x_unit: Tensor, weight: Tensor, labels: Tensor, scale: Tensor,
                        threshold: Tensor | None = None, rule: str | None = None, t: Tensor | float = 0.0,
-                       chunk: int | None = None) -> tuple[Tensor, Tensor]:
+                       chunk: int | None = None, clamp: float = 0.0) -> tuple[Tensor, Tensor]:
     """(lse_neg [B], cos θ_y [B]) for unit embeddings [B, D], centres [C, D] and labels [B] in [0, C).
 
     lse_neg = log Σ_{j≠y} e^{s·g_j}, g_j = rule(cos θ_j, t) where cos θ_j > threshold (the row's
     detached f(θ_y)), else cos θ_j (MV-Softmax / CurricularFace; `rule` None: no re-weighting).
     Differentiable w.r.t. x_unit, weight and scale (first order only). `chunk`: classes per
-    step, None keeps the [B, C] cosines for the backward instead of recomputing them.
+    step, None keeps the [B, C] cosines for the backward instead of recomputing them. `clamp` > 0
+    clamps the negatives' cosines to ±(1 − clamp) first (AdaFace's official head).
     """
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of classes, got {chunk}")
     if rule is not None and threshold is None:
         raise ValueError(f"negative rule {rule!r} needs the per-row threshold f(θ_y)")
     t_tensor = torch.as_tensor(t, dtype=x_unit.dtype, device=x_unit.device).detach().clone()
-    return _NegativeLogSumExp.apply(x_unit, weight, scale, labels, threshold, rule, t_tensor, chunk)
+    return _NegativeLogSumExp.apply(x_unit, weight, scale, labels, threshold, rule, t_tensor, chunk, float(clamp))

@@ -68,10 +68,13 @@ class Step:
 
 @dataclass
 class Target:
-    """A target transform of this step: `f` (cos θ_y [B] → target cosine) and `mask` (what mis-classification is judged against)."""
+    """A target transform of this step: `f` (cos θ_y [B] → target cosine), `mask` (the margin formula
+    without guard, which mis-classification may be judged against) and `cos_clamp` (every cosine is
+    clamped to ±(1 − cos_clamp) before use; 0: only to ±1)."""
 
     f: Callable[[Tensor], Tensor]
     mask: Callable[[Tensor], Tensor]
+    cos_clamp: float = 0.0
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Plan:
     threshold: Tensor | None
     a: Tensor | None
     extra: Tensor
+    cos_clamp: float = 0.0
 
 
 class Component:
@@ -127,8 +131,8 @@ class Component:
         raise NotImplementedError
 
     def threshold(self, target: Target, cos_y: Tensor) -> Tensor:
-        """The row threshold a negative must exceed to count as mis-classified (no gradient)."""
-        return target.f(cos_y)
+        """The row threshold a negative must exceed to count as mis-classified (no gradient): f(θ_y) or the unguarded margin formula."""
+        return target.mask(cos_y) if getattr(self.p, "mask_against", "target") == "margin" else target.f(cos_y)
 
     def factor(self, head: nn.Module, step: Step, scale: Tensor) -> Tensor:
         raise NotImplementedError
@@ -144,9 +148,9 @@ class AngularTarget(Component):
         return self.p.m2_rad, self.p.m3_cos
 
     def transform(self, head, step, m2, m3) -> Target:
-        p = self.p
-        return Target(lambda c: T.angular_target(c, p.m1, m2, m3, p.guard, p.straight_through),
-                      lambda c: T.angular_target(c, p.m1, m2, m3, p.guard, p.straight_through))
+        p, eps = self.p, self.p.cos_clamp
+        return Target(lambda c: T.angular_target(T.clamp_cos(c, eps), p.m1, m2, m3, p.guard, p.straight_through),
+                      lambda c: T.angular_target(T.clamp_cos(c, eps), p.m1, m2, m3, "none"), eps)
 
 
 class SphereFaceTarget(Component):
@@ -166,7 +170,8 @@ class SphereFaceTarget(Component):
 
     def transform(self, head, step, m2, m3) -> Target:
         p = self.p
-        n = int(head.step) - (1 if step.training else 0)   # λ of the steps before this one
+        # "previous": λ of the steps before this one; "current": this step counted (official Caffe)
+        n = int(head.step) - (1 if step.training and p.lambda_step == "previous" else 0)
         lam = T.sphereface_lambda(n, p.base, p.gamma, p.power, p.lambda_min)
         fn = lambda c: T.sphereface_target(c, p.m, lam)  # noqa: E731
         return Target(fn, fn)
@@ -205,7 +210,8 @@ class KappaClassMargin(Component):
         head.kappa_count.index_add_(0, step.labels, torch.ones_like(step.labels, dtype=head.kappa_count.dtype))
 
     def end_epoch(self, head):
-        psi, seen = T.kappa_psi(head.kappa_feature_sum.double(), head.kappa_count.double(), self.p.T, self.p.gamma)
+        psi, seen = T.kappa_psi(head.kappa_feature_sum.double(), head.kappa_count.double(), self.p.T, self.p.gamma,
+                                self.p.r_max)
         head.kappa_psi.copy_(torch.where(seen, psi.to(head.kappa_psi.dtype), head.kappa_psi))
         head.kappa_feature_sum.zero_()
         head.kappa_count.zero_()
@@ -419,4 +425,4 @@ def plan(head: nn.Module, parts: dict[str, Component], step: Step, scale: Tensor
             threshold = parts["negative"].threshold(tgt, step.cos_y)
     a = parts["modulation"].factor(head, step, scale) if "modulation" in parts else None
     extra_t = extra if isinstance(extra, Tensor) else step.cos_y.new_tensor(extra)
-    return Plan(tgt.f, rule, t, threshold, a, extra_t)
+    return Plan(tgt.f, rule, t, threshold, a, extra_t, tgt.cos_clamp)

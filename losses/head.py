@@ -101,7 +101,7 @@ class MarginSoftmax(nn.Module):
             scale = self.scale.to(x.dtype)
             plan = self._plan(x_unit, norms, labels, cos_y, scale)
             lse_neg, cos_y = negative_logsumexp(x_unit, w, local, scale, plan.threshold, plan.rule, plan.t,
-                                                self.class_chunk)
+                                                self.class_chunk, plan.cos_clamp)
             return margin_loss(scale * plan.f(cos_y), lse_neg, plan.a) + plan.extra
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -114,6 +114,7 @@ class MarginSoftmax(nn.Module):
             scale = self.scale.to(x.dtype)
             plan = self._plan(x_unit, norms, labels, cos_y.detach(), scale)
             f = plan.f(cos_y)
+            cos = T.clamp_cos(cos, plan.cos_clamp)
             if plan.rule is None:
                 out = T.insert_target(cos, labels, f)
             else:

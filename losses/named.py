@@ -44,6 +44,16 @@ def _mv_rule(adaptive: bool) -> str:
     return "mv-adaptive" if adaptive else "mv-fixed"
 
 
+def _easy(easy_margin: bool) -> str:
+    if not isinstance(easy_margin, bool):
+        raise SpecError(f"easy_margin: must be a bool, got {easy_margin!r}")
+    return "easy-all" if easy_margin else "fallback"   # official AM easy margin: no margin where cos θ_y ≤ 0
+
+
+def _mv(p: Mapping[str, Any], target: AngularMargin, rule: str, t: float) -> MarginSpec:
+    return MarginSpec(s=p["s"], target=target, negative=NegativeTransform(rule=rule, t=t, mask_against=p["mask_against"]))
+
+
 def _sv_t(t_sv: float) -> float:
     # SV-Softmax: h = e^{s(t−1)(c+1)} multiplies a support vector's exponent, i.e. g(c) = t·c + t − 1.
     if t_sv < 1.0:
@@ -86,67 +96,68 @@ NAMED: dict[str, NamedLoss] = {
         lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"], guard=p["guard"],
                                                              straight_through=p["straight_through"])),
         units={"m": "radians"},
-        note="straight_through=True reproduces insightface's torch head (margin applied without its gradient)"),
+        note="defaults: the paper's MXNet code; straight_through=True, guard='none' is insightface's current torch head"),
     "combined": NamedLoss(
         "Deng et al., ArcFace, CVPR 2019, arXiv:1801.07698, Sec. 2.3 (insightface combined margin)",
         "s·(cos(m1·θ_y + m2) − m3)",
-        {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2, "guard": "fallback"},
+        {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2, "guard": "none"},
         lambda p: MarginSpec(s=p["s"], target=AngularMargin(m1=p["m1"], m2_rad=p["m2"], m3_cos=p["m3"],
                                                              guard=p["guard"])),
         units={"m2": "radians", "m3": "cosine units"},
-        note="insightface's mxnet code has no guard: guard='none' reproduces it"),
+        note="default guard='none' as insightface's mxnet code; guard='fallback' keeps f decreasing past π"),
     "sphereface": NamedLoss(
         "Liu et al., SphereFace, CVPR 2017, arXiv:1704.08063",
         "s·(ψ(θ_y) + λ cos θ_y)/(1 + λ), ψ = (−1)^k cos(mθ) − 2k, λ = max(λ_min, base(1 + γ·step)^−power)",
-        {"s": 64.0, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0},
+        {"s": 64.0, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0,
+         "lambda_step": "current"},
         lambda p: MarginSpec(s=p["s"], target=SphereFacePsi(m=p["m"], base=p["base"], gamma=p["gamma"],
-                                                             power=p["power"], lambda_min=p["lambda_min"])),
-        units={"m": "integer multiplier"},
+                                                             power=p["power"], lambda_min=p["lambda_min"],
+                                                             lambda_step=p["lambda_step"])),
+        units={"m": "integer multiplier", "lambda_step": "'current' (Caffe: step counted before λ) or 'previous'"},
         note="normalised features scaled by s; the original scales by |x|"),
     "mv-am": NamedLoss(
         "Wang et al., MV-Softmax, AAAI 2020, arXiv:1912.00833",
-        "s·(cos θ_y − m); mis-classified j: s·((t + 1) cos θ_j + t) (fixed: s·(cos θ_j + t))",
-        {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m3_cos=p["m"]),
-                             negative=NegativeTransform(rule=_mv_rule(p["adaptive"]), t=p["t"])),
-        units={"m": "cosine units", "t": "cosine units"}),
+        "s·(cos θ_y − m) (easy margin: s·cos θ_y where cos θ_y ≤ 0); mis-classified j (cos θ_j > cos θ_y − m): "
+        "s·((t + 1) cos θ_j + t) (fixed: s·(cos θ_j + t))",
+        {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True, "easy_margin": True, "mask_against": "margin"},
+        lambda p: _mv(p, AngularMargin(m3_cos=p["m"], guard=_easy(p["easy_margin"])), _mv_rule(p["adaptive"]), p["t"]),
+        units={"m": "cosine units", "t": "cosine units", "mask_against": "'margin' (official) or 'target'"}),
     "mv-arc": NamedLoss(
         "Wang et al., MV-Softmax, AAAI 2020, arXiv:1912.00833",
-        "s·cos(θ_y + m) (easy margin); mis-classified j: s·((t + 1) cos θ_j + t)",
-        {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"], guard="easy"),
-                             negative=NegativeTransform(rule=_mv_rule(p["adaptive"]), t=p["t"])),
-        units={"m": "radians", "t": "cosine units"}),
+        "s·cos(θ_y + m) (easy margin); mis-classified j (cos θ_j > cos(θ_y + m)): s·((t + 1) cos θ_j + t)",
+        {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True, "guard": "easy", "mask_against": "margin"},
+        lambda p: _mv(p, AngularMargin(m2_rad=p["m"], guard=p["guard"]), _mv_rule(p["adaptive"]), p["t"]),
+        units={"m": "radians", "t": "cosine units", "mask_against": "'margin' (official) or 'target'"}),
     "sv-am": NamedLoss(
         "Wang et al., SV-Softmax, arXiv:1812.11317",
-        "s·(cos θ_y − m); support vectors j: exponent × e^{s(t−1)(cos θ_j + 1)}",
-        {"s": 32.0, "m": 0.35, "t": 1.2},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m3_cos=p["m"]),
-                             negative=NegativeTransform(rule="mv-adaptive", t=_sv_t(p["t"]))),
+        "s·(cos θ_y − m) (easy margin); support vectors j: exponent × e^{s(t−1)(cos θ_j + 1)}",
+        {"s": 32.0, "m": 0.35, "t": 1.2, "easy_margin": True, "mask_against": "margin"},
+        lambda p: _mv(p, AngularMargin(m3_cos=p["m"], guard=_easy(p["easy_margin"])), "mv-adaptive", _sv_t(p["t"])),
         units={"m": "cosine units", "t": "SV notation (≥ 1)"},
         note="equals mv-am with t_MV = t − 1"),
     "sv-arc": NamedLoss(
         "Wang et al., SV-Softmax, arXiv:1812.11317",
         "s·cos(θ_y + m) (easy margin); support vectors j: exponent × e^{s(t−1)(cos θ_j + 1)}",
-        {"s": 32.0, "m": 0.35, "t": 1.2},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"], guard="easy"),
-                             negative=NegativeTransform(rule="mv-adaptive", t=_sv_t(p["t"]))),
+        {"s": 32.0, "m": 0.35, "t": 1.2, "guard": "easy", "mask_against": "margin"},
+        lambda p: _mv(p, AngularMargin(m2_rad=p["m"], guard=p["guard"]), "mv-adaptive", _sv_t(p["t"])),
         units={"m": "radians", "t": "SV notation (≥ 1)"}),
     "curricularface": NamedLoss(
         "Huang et al., CurricularFace, CVPR 2020, arXiv:2004.00288",
-        "s·cos(θ_y + m) (ArcFace fallback); hard j: s·cos θ_j (t + cos θ_j), t ← 0.99 t + 0.01 mean cos θ_y",
-        {"s": 64.0, "m": 0.5},
+        "s·cos(θ_y + m) (ArcFace fallback); hard j (cos θ_j > cos(θ_y + m)): s·cos θ_j (t + cos θ_j), "
+        "t ← 0.99 t + 0.01 mean cos θ_y",
+        {"s": 64.0, "m": 0.5, "mask_against": "margin"},
         lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"]),
-                             negative=NegativeTransform(rule="curricular", t=0.0, momentum=0.01)),
-        units={"m": "radians"}),
+                             negative=NegativeTransform(rule="curricular", t=0.0, momentum=0.01,
+                                                        mask_against=p["mask_against"])),
+        units={"m": "radians", "mask_against": "'margin' (official) or 'target'"}),
     "kappaface": NamedLoss(
         "Oinar et al., KappaFace, arXiv:2201.12100",
         "s·cos(θ_y + ψ_y·m0), ψ from class concentration κ and class size, recomputed each epoch",
-        {"s": 64.0, "m0": 0.8, "T": 0.4, "gamma": 0.7},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m0"]),
-                             class_margin=KappaMargin(T=p["T"], gamma=p["gamma"])),
-        units={"m0": "radians"},
-        note="class statistics are the epoch's running sums, not the paper's per-sample memory buffer"),
+        {"s": 64.0, "m0": 0.8, "T": 0.4, "gamma": 0.7, "guard": "none", "r_max": None},
+        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m0"], guard=p["guard"]),
+                             class_margin=KappaMargin(T=p["T"], gamma=p["gamma"], r_max=p["r_max"])),
+        units={"m0": "radians", "r_max": "None (official: no clamp of r̄) or a clamp < 1"},
+        note="class statistics are the epoch's running sums, not the official momentum encoder"),
     "search-softmax": NamedLoss(
         "Wang et al., Loss Function Search, ICML 2020, arXiv:2007.06542",
         "p_m = p/(a·p + 1 − a), a ≤ 0: target logit s·cos θ_y − log(1 − a); a per p-bin if 10 values",
@@ -168,11 +179,11 @@ NAMED: dict[str, NamedLoss] = {
     "elasticface-arc": NamedLoss(
         "Boutros et al., ElasticFace, CVPRW 2022, arXiv:2109.09416",
         "s·cos(θ_y + m_i), m_i ~ N(m, σ) per sample per step",
-        {"s": 64.0, "m": 0.5, "sigma": 0.05},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"]),
+        {"s": 64.0, "m": 0.5, "sigma": 0.05, "guard": "none"},
+        lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"], guard=p["guard"]),
                              sample_margin=ElasticMargin(sigma=p["sigma"], on="angular")),
         units={"m": "radians", "sigma": "radians"},
-        note="the official code has no guard past π; ours uses the ArcFace fallback"),
+        note="default guard='none' as the official code; guard='fallback' keeps f decreasing past π"),
     "elasticface-cos": NamedLoss(
         "Boutros et al., ElasticFace, CVPRW 2022, arXiv:2109.09416",
         "s·(cos θ_y − m_i), m_i ~ N(m, σ) per sample per step",
@@ -183,18 +194,20 @@ NAMED: dict[str, NamedLoss] = {
     "adaface": NamedLoss(
         "Kim et al., AdaFace, CVPR 2022, arXiv:2204.00964",
         "s·(cos(θ_y − m·ẑ) − (m + m·ẑ)), ẑ = clip(h(|x| − μ)/(σ + 1e-3), −1, 1), μ, σ EMA of batch norms",
-        {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(guard="clip"),
+        {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01, "cos_clamp": 1e-3},
+        lambda p: MarginSpec(s=p["s"], target=AngularMargin(guard="clip", cos_clamp=p["cos_clamp"]),
                              sample_margin=AdaFaceMargin(m=p["m"], h=p["h"], t_alpha=p["t_alpha"])),
-        units={"m": "radians (angular part) and cosine units (additive part)"}),
+        units={"m": "radians (angular part) and cosine units (additive part)",
+               "cos_clamp": "cosine units: every cosine clamped to ±(1 − cos_clamp), official 1e-3"}),
     "magface": NamedLoss(
         "Meng et al., MagFace, CVPR 2021, arXiv:2103.06627",
         "s·cos(θ_y + m(a)), m(a) linear in a = clamp(|x|, l_a, u_a); loss + λ_g·(a/u_a² + 1/a)",
-        {"s": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0},
-        lambda p: MarginSpec(s=p["s"], target=AngularMargin(),
+        {"s": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0, "guard": "easy"},
+        lambda p: MarginSpec(s=p["s"], target=AngularMargin(guard=p["guard"]),
                              sample_margin=MagFaceMargin(l_a=p["l_a"], u_a=p["u_a"], l_m=p["l_m"],
                                                          u_m=p["u_m"], lambda_g=p["lambda_g"])),
-        units={"l_m": "radians", "u_m": "radians"}),
+        units={"l_m": "radians", "u_m": "radians"},
+        note="default guard='easy' as the official MagLinear (easy_margin=True); the paper has no easy margin"),
 }
 
 

@@ -182,6 +182,7 @@ class ShardedMarginSoftmax(nn.Module):
                 lambda: torch.randn(shape, device=x.device, dtype=torch.float32), self.group)
             plan = K.plan(self, self.parts, K.Step(labels, norms, x_unit.detach(), cos_y.detach(), self.training, draw),
                           scale)
+            cos = T.clamp_cos(cos, plan.cos_clamp)
             if plan.rule is not None:
                 cos = torch.where(cos > plan.threshold[:, None], T.NEGATIVE_RULE_FNS[plan.rule](cos, plan.t), cos)
             target_cells = torch.zeros_like(cos, dtype=torch.bool)

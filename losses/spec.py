@@ -24,7 +24,7 @@ from .errors import MarginsearchError
 __all__ = [
     "SpecError", "AngularMargin", "SphereFacePsi", "PiecewiseLinear", "ProbabilityModulation",
     "RandomModulation", "NegativeTransform", "KappaMargin", "ElasticMargin", "AdaFaceMargin",
-    "MagFaceMargin", "MarginSpec", "GUARDS", "NEGATIVE_RULES",
+    "MagFaceMargin", "MarginSpec", "GUARDS", "NEGATIVE_RULES", "MASKS", "LAMBDA_STEPS",
 ]
 
 
@@ -46,6 +46,7 @@ def _finite(value: float, where: str) -> None:
 GUARDS: dict[str, str] = {
     "fallback": "where m1·θ + m2 > π use cos θ − m2·sin(m2) − m3 (insightface ArcFace)",
     "easy": "apply the angular part only where cos θ > 0, else cos θ − m3 (easy margin)",
+    "easy-all": "no margin at all where cos θ ≤ 0: cos θ there, cos(m1·θ + m2) − m3 elsewhere (MV-Softmax's official AM easy_margin)",
     "clip": "clip m1·θ + m2 to [ε, π − ε], ε = 1e-3 rad (AdaFace)",
     "none": "no guard: cos(m1·θ + m2) − m3 everywhere (non-monotone past π; mxnet combined margin)",
 }
@@ -61,6 +62,7 @@ class AngularMargin:
     m3_cos: float = 0.0      # additive cosine margin, cosine units (CosFace m)
     guard: str = "fallback"  # one of GUARDS
     straight_through: bool = False  # insightface torch: margin applied without its gradient
+    cos_clamp: float = 0.0   # cosine units: clamp every cosine (target and negatives) to ±(1 − cos_clamp) first (AdaFace 1e-3)
 
     def validate(self, where: str) -> None:
         _finite(self.m1, f"{where}.m1")
@@ -74,14 +76,21 @@ class AngularMargin:
         _check(self.guard in GUARDS, f"{where}.guard",
                f"unknown guard {self.guard!r}; choose one of {sorted(GUARDS)}")
         _check(isinstance(self.straight_through, bool), f"{where}.straight_through", "must be a bool")
+        _finite(self.cos_clamp, f"{where}.cos_clamp")
+        _check(0.0 <= self.cos_clamp < 1.0, f"{where}.cos_clamp", f"must be in [0, 1) cosine units, got {self.cos_clamp}")
+
+
+LAMBDA_STEPS = ("previous", "current")
 
 
 @dataclass(frozen=True)
 class SphereFacePsi:
     """Target f = (ψ(θ) + λ cos θ)/(1 + λ), ψ = (−1)^k cos(mθ) − 2k (SphereFace, arXiv 1704.08063).
 
-    λ = max(lambda_min, base·(1 + gamma·step)^(−power)), step = training steps so far. Features
-    are normalised and scaled by s (the normalised variant), unlike the original which used |x|.
+    λ = max(lambda_min, base·(1 + gamma·step)^(−power)); `lambda_step` says which step: "previous"
+    (training steps before this one) or "current" (this step counted, as the official Caffe layer,
+    which increments its iteration before λ). Features are normalised and scaled by s (the
+    normalised variant), unlike the original which used |x|.
     """
 
     kind: ClassVar[str] = "sphereface"
@@ -90,8 +99,11 @@ class SphereFacePsi:
     gamma: float = 0.12
     power: float = 1.0
     lambda_min: float = 5.0
+    lambda_step: str = "previous"  # "previous" | "current" (official Caffe)
 
     def validate(self, where: str) -> None:
+        _check(self.lambda_step in LAMBDA_STEPS, f"{where}.lambda_step",
+               f"must be one of {sorted(LAMBDA_STEPS)}, got {self.lambda_step!r}")
         _check(isinstance(self.m, int) and not isinstance(self.m, bool) and 1 <= self.m <= 8,
                f"{where}.m", f"must be an integer in [1, 8], got {self.m!r}")
         for name in ("base", "gamma", "power", "lambda_min"):
@@ -160,16 +172,31 @@ NEGATIVE_RULES: dict[str, str] = {
 }
 
 
+MASKS: dict[str, str] = {
+    "target": "cos θ_j > f(θ_y), the target cosine used (papers)",
+    "margin": "cos θ_j > cos(m1·θ_y + m2) − m3 without guard (official MV-Softmax, CurricularFace code)",
+}
+
+
 @dataclass(frozen=True)
 class NegativeTransform:
-    """Re-weights mis-classified negatives j (cos θ_j > f(θ_y)) with g from NEGATIVE_RULES."""
+    """Re-weights mis-classified negatives j with g from NEGATIVE_RULES (MV-Softmax arXiv 1912.00833).
+
+    j is mis-classified where cos θ_j exceeds, by `mask_against`: "target", the target cosine
+    actually used f(θ_y) (the papers' definition), or "margin", the margin formula
+    cos(m1·θ_y + m2) − m3 without the guard (the official MV-Softmax and CurricularFace code,
+    which differ where a guard or easy margin changed the target).
+    """
 
     kind: ClassVar[str] = "negative"
     rule: str = "mv-adaptive"  # one of NEGATIVE_RULES
     t: float = 0.2           # MV: fixed t (cosine units); curricular: initial t (0 in the paper)
     momentum: float = 0.01   # curricular only: EMA weight of the batch mean of cos θ_y
+    mask_against: str = "target"  # one of MASKS
 
     def validate(self, where: str) -> None:
+        _check(self.mask_against in MASKS, f"{where}.mask_against",
+               f"must be one of {sorted(MASKS)}, got {self.mask_against!r}")
         _check(self.rule in NEGATIVE_RULES, f"{where}.rule",
                f"unknown negative rule {self.rule!r}; choose one of {sorted(NEGATIVE_RULES)}")
         _finite(self.t, f"{where}.t")
@@ -185,6 +212,8 @@ class KappaMargin:
     w^κ_c = 1 − sigmoid(T·κ̃_c), κ̃ the standardised vMF concentration of class c's normalised
     features; w^n_c = (cos(π·n_c/K) + 1)/2, K = 1.05·max n_c, n_c the class's sample count.
     Recomputed at each `end_epoch()` from the epoch's running class statistics; ψ starts at 1.
+    `r_max`: r̄ is clamped to it (0.999: κ stays finite); None follows the official code: no clamp,
+    κ = +∞ (r̄ = 1, e.g. a one-sample class) replaced by the largest finite κ, NaN by 0.
     `gamma` weighs the concentration term, as in the official code (a paper note puts it on the
     population term: set gamma to 1 − γ_paper to follow that reading).
     """
@@ -192,8 +221,12 @@ class KappaMargin:
     kind: ClassVar[str] = "kappa"
     T: float = 0.4
     gamma: float = 0.7
+    r_max: float | None = 0.999  # mean resultant length clamp (unitless); None: official (no clamp)
 
     def validate(self, where: str) -> None:
+        if self.r_max is not None:
+            _finite(self.r_max, f"{where}.r_max")
+            _check(0.0 < self.r_max < 1.0, f"{where}.r_max", f"must be in (0, 1) or None, got {self.r_max}")
         _finite(self.T, f"{where}.T")
         _finite(self.gamma, f"{where}.gamma")
         _check(self.T >= 0, f"{where}.T", f"temperature must be ≥ 0, got {self.T}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ANGLE_EPS", "angle", "angular_target", "sphereface_target", "sphereface_lambda", "chebyshev",
+    "ANGLE_EPS", "angle", "clamp_cos", "angular_target", "sphereface_target", "sphereface_lambda", "chebyshev",
     "piecewise_target", "NEGATIVE_RULE_FNS", "NEGATIVE_RULE_DELTAS",
     "NEGATIVE_RULE_DELTA_GRADS", "transform_negatives", "insert_target",
     "modulation_shift", "probability_shift", "kappa_psi", "adaface_offsets", "magface_margin", "magface_regularizer",
@@ -37,6 +37,10 @@ def _easy(cos_y: Tensor, phi: Tensor, m2: Tensor, m3: Tensor) -> Tensor:
     return torch.where(cos_y > 0, torch.cos(phi), cos_y) - m3
 
 
+def _easy_all(cos_y: Tensor, phi: Tensor, m2: Tensor, m3: Tensor) -> Tensor:
+    return torch.where(cos_y > 0, torch.cos(phi) - m3, cos_y)
+
+
 def _clip(cos_y: Tensor, phi: Tensor, m2: Tensor, m3: Tensor) -> Tensor:
     return torch.cos(phi.clamp(CLIP_EPS_RAD, math.pi - CLIP_EPS_RAD)) - m3
 
@@ -46,8 +50,13 @@ def _unguarded(cos_y: Tensor, phi: Tensor, m2: Tensor, m3: Tensor) -> Tensor:
 
 
 GUARD_FNS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
-    "fallback": _fallback, "easy": _easy, "clip": _clip, "none": _unguarded,
+    "fallback": _fallback, "easy": _easy, "easy-all": _easy_all, "clip": _clip, "none": _unguarded,
 }
+
+
+def clamp_cos(cos: Tensor, eps: float) -> Tensor:
+    """cos clamped to [−1 + eps, 1 − eps] (with clamp's gradient: zero outside); eps = 0 leaves it unchanged."""
+    return cos.clamp(-1.0 + eps, 1.0 - eps) if eps > 0 else cos
 
 
 def angular_target(cos_y: Tensor, m1: float, m2_rad: Tensor | float, m3_cos: Tensor | float,
@@ -60,8 +69,11 @@ def angular_target(cos_y: Tensor, m1: float, m2_rad: Tensor | float, m3_cos: Ten
     """
     m2 = torch.as_tensor(m2_rad, dtype=cos_y.dtype, device=cos_y.device)
     m3 = torch.as_tensor(m3_cos, dtype=cos_y.dtype, device=cos_y.device)
-    phi = m1 * angle(cos_y) + m2
-    f = GUARD_FNS[guard](cos_y, phi, m2, m3)
+    if m1 == 1.0 and not isinstance(m2_rad, Tensor) and m2_rad == 0.0 and guard != "clip":
+        # a pure cosine margin is cos θ − m3 exactly (CosFace), not cos(acos(·)) of a clamped cosine
+        f = torch.where(cos_y > 0, cos_y - m3, cos_y) if guard == "easy-all" else cos_y - m3
+    else:
+        f = GUARD_FNS[guard](cos_y, m1 * angle(cos_y) + m2, m2, m3)
     return cos_y + (f - cos_y).detach() if straight_through else f
 
 
@@ -153,18 +165,27 @@ def probability_shift(p: Tensor, a: Tensor) -> Tensor:
     return torch.log1p(-a[idx])
 
 
-def kappa_psi(feature_sum: Tensor, count: Tensor, T: float, gamma: float) -> tuple[Tensor, Tensor]:
+def kappa_psi(feature_sum: Tensor, count: Tensor, T: float, gamma: float,
+              r_max: float | None = 0.999) -> tuple[Tensor, Tensor]:
     """KappaFace per-class margin scale ψ (arXiv 2201.12100) and the mask of classes it is defined for.
 
-    r̄_c = |Σ normalised features|/n_c (clamped to 0.999), κ_c = r̄(d − r̄²)/(1 − r̄²) with d the
+    r̄_c = |Σ normalised features|/n_c (clamped to `r_max`), κ_c = r̄(d − r̄²)/(1 − r̄²) with d the
     feature dimension, κ̃ standardised over the classes seen, w^κ = 1 − sigmoid(T·κ̃),
     w^n = (cos(π·n_c/K) + 1)/2 with K = 1.05·max n_c, ψ = gamma·w^κ + (1 − gamma)·w^n.
+    `r_max=None` is the official code: no clamp, κ = +∞ replaced by the largest other κ of a seen class.
     """
     seen = count > 0
     d = feature_sum.shape[1]
     n = count.to(feature_sum.dtype)
-    r = (feature_sum.norm(dim=1) / n.clamp_min(1.0)).clamp(0.0, 0.999)
+    r = feature_sum.norm(dim=1) / n.clamp_min(1.0)
+    if r_max is not None:
+        r = r.clamp(0.0, r_max)
     kappa = r * (d - r * r) / (1.0 - r * r)
+    if r_max is None:
+        infinite = torch.isposinf(kappa)
+        finite = kappa[seen & ~infinite]
+        replace = finite.max() if finite.numel() else kappa.new_zeros(())
+        kappa = torch.where(infinite, replace, kappa).nan_to_num(nan=0.0)
     ks = kappa[seen]
     if ks.numel() >= 2:
         std = ks.std()

@@ -31,31 +31,33 @@ ACOS_EPS = 1e-7
 PI = math.pi
 
 # Defaults as published / documented (losses.md §1, §3 and the named table's docs), written out
-# here so that a change of a library default is caught.
+# here so that a change of a library default is caught. Since issue #14 each named point defaults to
+# its official code's flavour (notes/fidelity_facts.md): the extra keys select it.
 PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     "normface": {"s": 64.0},
     "cosface": {"s": 64.0, "m": 0.35},
     "arcface": {"s": 64.0, "m": 0.5, "guard": "fallback", "straight_through": False},
-    "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2, "guard": "fallback"},
-    "sphereface": {"s": 64.0, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0},
-    "mv-am": {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True},
-    "mv-arc": {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True},
-    "sv-am": {"s": 32.0, "m": 0.35, "t": 1.2},
-    "sv-arc": {"s": 32.0, "m": 0.35, "t": 1.2},
-    "curricularface": {"s": 64.0, "m": 0.5},
-    "kappaface": {"s": 64.0, "m0": 0.8, "T": 0.4, "gamma": 0.7},
+    "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2, "guard": "none"},
+    "sphereface": {"s": 64.0, "m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0,
+                   "lambda_step": "current"},
+    "mv-am": {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True, "easy_margin": True, "mask_against": "margin"},
+    "mv-arc": {"s": 32.0, "m": 0.35, "t": 0.2, "adaptive": True, "guard": "easy", "mask_against": "margin"},
+    "sv-am": {"s": 32.0, "m": 0.35, "t": 1.2, "easy_margin": True, "mask_against": "margin"},
+    "sv-arc": {"s": 32.0, "m": 0.35, "t": 1.2, "guard": "easy", "mask_against": "margin"},
+    "curricularface": {"s": 64.0, "m": 0.5, "mask_against": "margin"},
+    "kappaface": {"s": 64.0, "m0": 0.8, "T": 0.4, "gamma": 0.7, "guard": "none", "r_max": None},
     "search-softmax": {"s": 32.0, "a": None},
     "random-softmax": {"s": 32.0, "sigma": 0.2},
     "am-lfs": {"s": 64.0, "intervals": 6, "slopes": None, "intercepts": None},
-    "elasticface-arc": {"s": 64.0, "m": 0.5, "sigma": 0.05},
+    "elasticface-arc": {"s": 64.0, "m": 0.5, "sigma": 0.05, "guard": "none"},
     "elasticface-cos": {"s": 64.0, "m": 0.35, "sigma": 0.05},
-    "adaface": {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01},
-    "magface": {"s": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0},
+    "adaface": {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01, "cos_clamp": 1e-3},
+    "magface": {"s": 64.0, "l_a": 10.0, "u_a": 110.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 35.0, "guard": "easy"},
 }
 
 # Default guard of each point that has an angular margin (the documented table).
-GUARD_OF = {"arcface": None, "combined": None, "curricularface": "fallback", "kappaface": "fallback",
-            "elasticface-arc": "fallback", "magface": "fallback", "mv-arc": "easy", "sv-arc": "easy",
+GUARD_OF = {"arcface": None, "combined": None, "curricularface": "fallback", "kappaface": None,
+            "elasticface-arc": None, "magface": None, "mv-arc": None, "sv-arc": None,
             "adaface": "clip"}
 
 
@@ -86,6 +88,8 @@ def combined_margin(c: Tensor, m1=1.0, m2=0.0, m3=0.0, guard: str = "fallback") 
         return torch.where(phi <= PI, torch.cos(phi) - m3, c - m2 * torch.sin(m2) - m3)
     if guard == "easy":       # easy margin: only where cos θ > 0
         return torch.where(c > 0, torch.cos(phi) - m3, c - m3)
+    if guard == "easy-all":   # official MV-Softmax easy margin: no margin at all where cos θ ≤ 0
+        return torch.where(c > 0, torch.cos(phi) - m3, c)
     if guard == "clip":       # AdaFace: clip the angle to [1e-3, π − 1e-3]
         return torch.cos(phi.clamp(1e-3, PI - 1e-3)) - m3
     if guard == "none":
@@ -105,15 +109,24 @@ def sphereface_lambda(step: int, base: float, gamma: float, power: float, lambda
 
 
 def kappa_psi_reference(feature_sum: Tensor, count: Tensor, psi_old: Tensor, dim: int, T: float,
-                        gamma: float) -> Tensor:
-    """KappaFace ψ per class from the epoch's class sums (arXiv 2201.12100 and its official code)."""
+                        gamma: float, r_max: float | None = 0.999) -> Tensor:
+    """KappaFace ψ per class from the epoch's class sums (arXiv 2201.12100 and its official code).
+
+    r_max None: the official update_kappa: r̄ unclamped, κ = +inf replaced by the max of the
+    other κ, nan_to_num(nan → 0).
+    """
     fs, n = feature_sum.double(), count.double()
     seen = n > 0
     psi = psi_old.double().clone()
     if not bool(seen.any()):
         return psi
-    r = (fs[seen].norm(dim=1) / n[seen]).clamp(max=0.999)
+    r = fs[seen].norm(dim=1) / n[seen]
+    if r_max is not None:
+        r = r.clamp(max=r_max)
     kappa = r * (dim - r ** 2) / (1.0 - r ** 2)
+    if r_max is None:
+        replace = kappa[kappa != math.inf].max() if bool((kappa != math.inf).any()) else torch.tensor(0.0).double()
+        kappa = torch.nan_to_num(kappa, nan=0.0, posinf=float(replace))
     if int(seen.sum()) >= 2:
         kappa_t = (kappa - kappa.mean()) / kappa.std()
     else:
@@ -176,7 +189,7 @@ class Reference:
         if self.name != "kappaface":
             return
         self.psi = kappa_psi_reference(self.feature_sum, self.count, self.psi, self.D,
-                                       self.p["T"], self.p["gamma"])
+                                       self.p["T"], self.p["gamma"], self.p["r_max"])
         self.feature_sum.zero_()
         self.count.zero_()
 
@@ -204,29 +217,48 @@ class Reference:
 
     def _sphereface(self, x, c, cy, y, train):
         p = self.p
+        if train and p["lambda_step"] == "current":   # Caffe: iter_ += 1 before λ
+            self.step += 1
         lam = sphereface_lambda(self.step, p["base"], p["gamma"], p["power"], p["lambda_min"])
         f = (sphereface_psi(angle(cy), p["m"]) + lam * cy) / (1.0 + lam)
-        if train:
+        if train and p["lambda_step"] == "previous":
             self.step += 1
         return self._finish(c, y, f)
 
-    def _mv(self, c, cy, y, f):
+    def _against(self, f: Tensor, raw: Tensor) -> Tensor:
+        """What mis-classification compares with: the target used, or the official code's raw margin formula."""
+        return raw if self.p["mask_against"] == "margin" else f
+
+    def _mv(self, c, cy, y, f, raw):
         t = self.p["t"]
-        mask = self._misclassified(c, y, f)
+        mask = self._misclassified(c, y, self._against(f, raw))
         g = (t + 1.0) * c + t if self.p["adaptive"] else c + t
+        self.last_mask = raw
         return self._finish(c, y, f, torch.where(mask, g, c))
 
+    def _am_target(self, cy):
+        """SV-X-Softmax 'MV-AM': where(gt > 0, gt − m, gt) with easy_margin (its default), else gt − m."""
+        m = self.p["m"]
+        f = torch.where(cy > 0, cy - m, cy) if self.p["easy_margin"] else cy - m
+        return f, cy - m
+
+    def _arc_target(self, cy):
+        """SV-X-Softmax 'MV-Arc': cos(θ+m) = c·cos m − sqrt(1 − c²)·sin m, easy: where(gt > 0, ·, gt)."""
+        raw = combined_margin(cy, m2=self.p["m"], guard="none")
+        return combined_margin(cy, m2=self.p["m"], guard=self.p["guard"]), raw
+
     def _mv_am(self, x, c, cy, y, train):
-        return self._mv(c, cy, y, cy - self.p["m"])
+        return self._mv(c, cy, y, *self._am_target(cy))
 
     def _mv_arc(self, x, c, cy, y, train):
-        return self._mv(c, cy, y, combined_margin(cy, m2=self.p["m"], guard="easy"))
+        return self._mv(c, cy, y, *self._arc_target(cy))
 
-    def _sv(self, c, cy, y, f):
+    def _sv(self, c, cy, y, f, raw):
         """SV-Softmax: a support vector's exponential e^{s c_k} is multiplied by h = e^{s(t−1)(c_k+1)}."""
         s, t = self.p["s"], self.p["t"]
         onehot = F.one_hot(y, self.C).bool()
-        support = self._misclassified(c, y, f).to(c.dtype)
+        support = self._misclassified(c, y, self._against(f, raw)).to(c.dtype)
+        self.last_mask = raw
         log_h = s * (t - 1.0) * (c + 1.0) * support           # log of the multiplier
         logits = torch.where(onehot, s * f[:, None], s * c + log_h)
         logp = torch.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
@@ -234,16 +266,19 @@ class Reference:
         return RefOut(logits, logp, -logp.mean())
 
     def _sv_am(self, x, c, cy, y, train):
-        return self._sv(c, cy, y, cy - self.p["m"])
+        return self._sv(c, cy, y, *self._am_target(cy))
 
     def _sv_arc(self, x, c, cy, y, train):
-        return self._sv(c, cy, y, combined_margin(cy, m2=self.p["m"], guard="easy"))
+        return self._sv(c, cy, y, *self._arc_target(cy))
 
     def _curricularface(self, x, c, cy, y, train):
+        """Official head/metrics.py: mask = cos > cos(θ_y + m) (raw), t updated after the mask and before use."""
         if train:   # t updated before use, from the detached plain target cosines
             self.t = 0.99 * self.t + 0.01 * float(cy.detach().mean())
         f = combined_margin(cy, m2=self.p["m"], guard="fallback")
-        mask = self._misclassified(c, y, f)
+        raw = combined_margin(cy, m2=self.p["m"], guard="none")
+        self.last_mask = raw
+        mask = self._misclassified(c, y, self._against(f, raw))
         return self._finish(c, y, f, torch.where(mask, c * (self.t + c), c))
 
     def _kappaface(self, x, c, cy, y, train):
@@ -251,7 +286,7 @@ class Reference:
             self.feature_sum.index_add_(0, y, F.normalize(x.detach().double(), dim=1))
             self.count.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         m = self.psi.to(c.dtype)[y] * self.p["m0"]
-        return self._finish(c, y, combined_margin(cy, m2=m, guard="fallback"))
+        return self._finish(c, y, combined_margin(cy, m2=m, guard=self.p["guard"]))
 
     def _search_softmax(self, x, c, cy, y, train):
         s, a = self.p["s"], self.p["a"]
@@ -300,7 +335,7 @@ class Reference:
     def _elasticface_arc(self, x, c, cy, y, train):
         self.training_draw = train
         m = self._elastic_margins(c.shape[0], c.dtype)
-        return self._finish(c, y, combined_margin(cy, m2=m, guard="fallback"))
+        return self._finish(c, y, combined_margin(cy, m2=m, guard=self.p["guard"]))
 
     def _elasticface_cos(self, x, c, cy, y, train):
         self.training_draw = train
@@ -308,7 +343,12 @@ class Reference:
         return self._finish(c, y, cy - m)
 
     def _adaface(self, x, c, cy, y, train):
+        """Official head.py: every cosine clamped to ±(1 − eps) first, θ_m clipped to [eps, π − eps]."""
         p = self.p
+        eps = p["cos_clamp"]
+        if eps > 0:
+            c = c.clamp(-1.0 + eps, 1.0 - eps)
+            cy = c.gather(1, y[:, None]).squeeze(1)
         norms = x.detach().norm(dim=1).clamp(0.001, 100.0).to(c.dtype)
         if train:
             alpha = p["t_alpha"]
@@ -324,6 +364,6 @@ class Reference:
         p = self.p
         a = x.norm(dim=1).to(c.dtype).clamp(p["l_a"], p["u_a"])
         m = (p["u_m"] - p["l_m"]) / (p["u_a"] - p["l_a"]) * (a - p["l_a"]) + p["l_m"]
-        f = combined_margin(cy, m2=m, guard="fallback")
+        f = combined_margin(cy, m2=m, guard=p["guard"])   # MagLinear: easy_margin=True by default
         reg = p["lambda_g"] * (a / p["u_a"] ** 2 + 1.0 / a).mean()
         return self._finish(c, y, f, extra=reg)

@@ -442,8 +442,9 @@ def test_adaface_norm_statistics_trajectory_and_logits(params, dtype):
 
 
 @pytest.mark.parametrize("params", [{}, {"base": 10.0, "gamma": 1.0, "power": 1.0, "lambda_min": 2.0},
-                                    {"m": 2, "base": 3.0, "gamma": 0.5, "power": 2.0, "lambda_min": 0.0}],
-                         ids=["default", "custom-min", "custom-m2"])
+                                    {"m": 2, "base": 3.0, "gamma": 0.5, "power": 2.0, "lambda_min": 0.0},
+                                    {"base": 10.0, "gamma": 1.0, "lambda_min": 2.0, "lambda_step": "previous"}],
+                         ids=["default", "custom-min", "custom-m2", "previous"])
 def test_sphereface_lambda_schedule(params):
     p = {**PAPER_DEFAULTS["sphereface"], **params}
     _, w, _ = make_batch(seed=4)
@@ -461,7 +462,8 @@ def test_sphereface_lambda_schedule(params):
         psi = sphereface_psi(angle(c), p["m"])
         ok = (f - c).abs() > 1e-6
         lam = (psi - f)[ok] / (f - c)[ok]
-        expected = sphereface_lambda(k, p["base"], p["gamma"], p["power"], p["lambda_min"])
+        n = k + 1 if p["lambda_step"] == "current" else k   # Caffe counts this step before λ
+        expected = sphereface_lambda(n, p["base"], p["gamma"], p["power"], p["lambda_min"])
         torch.testing.assert_close(lam, torch.full_like(lam, expected), rtol=1e-6, atol=1e-6)
     # eval uses the current step without incrementing
     head.eval()
