@@ -1,4 +1,4 @@
-"""`python -m marginsearch.losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their curves."""
+"""`python -m marginsearch.losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their curves; `--fidelity` compares each with its official code."""
 from __future__ import annotations
 
 import argparse
@@ -34,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginsearch.losses", description=__doc__)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--plot", metavar="FILE.png", help="write the target-logit curves of the named points")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="print each named point against its official code (with --markdown: docs/fidelity.md)")
     parser.add_argument("names", nargs="*", help="named points to plot (default: all)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in NAMED]
     if unknown:
         print(f"error: unknown loss {unknown[0]!r}; named losses: {', '.join(NAMED)}", file=sys.stderr)
         return 2
+    if args.fidelity:
+        from .fidelity import fidelity_markdown, fidelity_text
+        print(fidelity_markdown() if args.markdown else fidelity_text(), end="\n" if not args.markdown else "")
+        return 0
     print(table(args.markdown))
     if args.plot:
         from .plot import plot_target_logits

@@ -262,12 +262,12 @@ def kinks_are_far(name: str, params: dict, x, w, y, ref: Reference) -> bool:
         return False
     if (cy < math.cos(math.pi - 1.0)).any():                    # fallback past π for m ≤ 1
         return False
-    f = ref.last.get("f")
-    if f is not None:
-        gap = (c - f[:, None]).abs()
-        gap[torch.arange(len(y)), y] = 1.0
-        if gap.min() < 1e-3:                                    # MV/SV/Curricular masks
-            return False
+    for f in (ref.last.get("f"), getattr(ref, "last_mask", None)):   # the target used and the raw margin
+        if f is not None:
+            gap = (c - f.detach()[:, None]).abs()
+            gap[torch.arange(len(y)), y] = 1.0
+            if gap.min() < 1e-3:                                # MV/SV/Curricular masks
+                return False
     return True
 
 

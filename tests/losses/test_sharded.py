@@ -13,6 +13,7 @@ D, C = 6, 11
 LOCAL_ROWS = (5, 4)   # unequal local batches
 EXACT = ["normface", "cosface", "arcface", "combined", "sphereface", "mv-arc", "sv-am", "curricularface",
          "search-softmax", "random-softmax", "am-lfs", "elasticface-arc", "adaface"]
+FLOAT32 = ["arcface", "mv-am", "curricularface", "sphereface", "adaface", "elasticface-arc"]
 
 
 def _global_batch(step: int):
@@ -24,12 +25,12 @@ def _global_batch(step: int):
     return x, y
 
 
-def _max_errors(name: str, rank: int) -> dict[str, float]:
+def _max_errors(name: str, rank: int, dtype: torch.dtype = torch.float64) -> dict[str, float]:
     """Two training steps of the sharded head on this rank's rows and of a full head on all rows."""
-    full = MarginSoftmax(named(name), D, C).double()
+    full = MarginSoftmax(named(name), D, C).to(dtype)
     with torch.no_grad():
         full.weight.copy_(torch.randn(C, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
-    sharded = ShardedMarginSoftmax(named(name), D, C).double()
+    sharded = ShardedMarginSoftmax(named(name), D, C).to(dtype)
     lo, hi = sharded.bounds
     with torch.no_grad():
         sharded.weight.copy_(full.weight[lo:hi])
@@ -38,6 +39,7 @@ def _max_errors(name: str, rank: int) -> dict[str, float]:
     errors = {"loss": 0.0, "x_grad": 0.0, "w_grad": 0.0, "buffers": 0.0}
     for step in range(2):
         x, y = _global_batch(step)
+        x = x.to(dtype)
         x_full = x.clone().requires_grad_()
         torch.manual_seed(step)
         loss_full = full(x_full, y)
@@ -61,7 +63,9 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        torch.save({name: _max_errors(name, rank) for name in EXACT}, f"{out}/rank{rank}.pt")
+        errors = {name: _max_errors(name, rank) for name in EXACT}
+        errors.update({f"{name}/float32": _max_errors(name, rank, torch.float32) for name in FLOAT32})
+        torch.save(errors, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +83,14 @@ def test_sharded_head_equals_full_head_on_the_concatenated_batch(errors, name):
     for rank, per_rank in enumerate(errors):
         for what, err in per_rank[name].items():
             assert err <= 1e-10, f"rank {rank}: {what} differs by {err:.3g}"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+@pytest.mark.parametrize("name", FLOAT32)
+def test_sharded_head_equals_full_head_in_float32(errors, name):
+    for rank, per_rank in enumerate(errors):
+        for what, err in per_rank[f"{name}/float32"].items():
+            assert err <= 2e-5, f"rank {rank}: {what} differs by {err:.3g} (float32)"
 
 
 def test_shard_bounds_cover_every_class_once():
