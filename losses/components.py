@@ -131,8 +131,8 @@ class Component:
         raise NotImplementedError
 
     def threshold(self, target: Target, cos_y: Tensor) -> Tensor:
-        """The row threshold a negative must exceed to count as mis-classified (no gradient): f(θ_y) or the unguarded margin formula."""
-        return target.mask(cos_y) if getattr(self.p, "mask_against", "target") == "margin" else target.f(cos_y)
+        """The row threshold a negative must exceed to count as mis-classified (no gradient)."""
+        return target.f(cos_y)
 
     def factor(self, head: nn.Module, step: Step, scale: Tensor) -> Tensor:
         raise NotImplementedError
@@ -277,7 +277,14 @@ class MagFaceSampleMargin(Component):
 
 
 # ---------------------------------------------------------------------- negatives
-class MVNegatives(Component):
+class NegativeRule(Component):
+    """Negatives above a threshold re-weighted: the threshold is f(θ_y) or, with mask_against='margin', the unguarded margin formula."""
+
+    def threshold(self, target: Target, cos_y: Tensor) -> Tensor:
+        return target.mask(cos_y) if self.p.mask_against == "margin" else target.f(cos_y)
+
+
+class MVNegatives(NegativeRule):
     """Mis-classified negatives g(c) = c + t (fixed) or (t + 1)·c + t (adaptive) (MV-Softmax arXiv 1912.00833)."""
 
     name = "MV-Softmax negatives"
@@ -286,7 +293,7 @@ class MVNegatives(Component):
         return self.p.rule, self.p.t
 
 
-class CurricularNegatives(Component):
+class CurricularNegatives(NegativeRule):
     """Hard negatives g(c) = c·(t + c), t an EMA of cos θ_y in buffer `curricular_t` (CurricularFace arXiv 2004.00288)."""
 
     name = "CurricularFace negatives"

@@ -1,7 +1,10 @@
 """The named points of the unified space: a table of published losses, each with its defaults.
 
 `NAMED` is data: one row per loss with its citation, formula, default parameters (their names
-are part of the API), their units, and the `MarginSpec` the parameters map to. `named(name,
+are part of the API), their units, and the `MarginSpec` the parameters map to. Each point
+defaults to the formula of its official code (the one behind the published numbers); every
+deviation from it (the paper's formula, other releases) is a named parameter, listed with the
+commit read in `losses.fidelity`. `named(name,
 **params)` returns that spec; `identify(spec)` finds the named point a spec equals, if any.
 """
 from __future__ import annotations
