@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo losses figures clean
+.PHONY: venv test check lint demo losses figures clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ venv: $(VENV)/.installed
 
 test: venv
 	MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q
+
+# The quick loop while developing: lint, types, and every test not marked slow (a few minutes).
+check: lint
+	MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The main job: the demo campaign on the embedded defaults (synthetic demo data, MLflow and Optuna
 # SQLite stores in out/demo). Running it again resumes an unfinished campaign or adds the next one.

@@ -15,11 +15,11 @@ from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from marginsearch.losses import MarginSpec, identify, named
+from marginsearch.losses import MarginSpec, identify
 from marginsearch.losses.errors import MarginsearchError
 
 from .results import BASELINE, FAIL_REASON, TrialFailed
-from .space import SearchSpace
+from .space import SearchSpace, baseline_spec
 
 __all__ = ["SearchError", "PRUNERS", "STORAGE_KINDS", "HEARTBEAT_S", "ABANDONED_RETRIES", "make_storage",
            "open_study", "baseline_params", "enqueue_baselines", "checked_reward", "finished_count",
@@ -96,7 +96,7 @@ def baseline_params(space: SearchSpace, baselines: Sequence[str | MarginSpec] | 
         baselines = list(space.baselines())
     out: list[tuple[str, dict[str, Any]]] = []
     for item in baselines:
-        spec = named(item) if isinstance(item, str) else item
+        spec = baseline_spec(item) if isinstance(item, str) else item
         label = item if isinstance(item, str) else (identify(spec) or "custom")
         params = space.params_of(spec)
         if all(params != p for _, p in out):

@@ -25,6 +25,7 @@ choice; member parameters are renamed ``member/param``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -41,7 +42,8 @@ from marginsearch.losses.spec import SLOTS
 from .transforms import TRANSFORMS
 from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["SpaceError", "Parameter", "Fixed", "SearchSpace", "load", "builtin_spaces", "SPACES_DIR", "with_fields"]
+__all__ = ["SpaceError", "Parameter", "Fixed", "SearchSpace", "load", "builtin_spaces", "SPACES_DIR", "with_fields",
+           "baseline_spec"]
 
 SPACES_DIR = Path(__file__).parent / "spaces"
 
@@ -163,6 +165,27 @@ def with_fields(spec: MarginSpec, fields: Mapping[str, Any]) -> MarginSpec:
         return MarginSpec.from_dict(_nest({**flat, **fields}))
     except SpecError as exc:
         raise SpecError(f"{exc} (the spec's fields: {', '.join(flat)})") from None
+
+
+def baseline_spec(text: str) -> MarginSpec:
+    """A named loss, optionally with flat fields changed: ``"arcface"``, ``"combined:target.guard=fallback,s=32"``.
+
+    The campaign's `search.baselines` entries: a named point at its defaults, or the flavour of it
+    that a space holds (values are JSON where they parse, else strings). SpecError naming a bad part.
+    """
+    from marginsearch.losses import named
+
+    name, _, rest = text.partition(":")
+    fields: dict[str, Any] = {}
+    for item in (part for part in rest.split(",") if part):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"baseline {text!r}: expected name:field=value[,field=value], got {item!r}")
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value.strip()
+    return with_fields(named(name.strip()), fields) if fields else named(name.strip())
 
 
 _MISSING = object()

@@ -59,7 +59,9 @@ class SearchSection:
     pruner: str = "median"                 # none, median, hyperband (ASHA under Ray)
     trials: int = 12                       # sampled trials, named baselines not counted
     population: int = DEFAULT_POPULATION   # reward-guided: candidates per policy round
-    baselines: tuple[str, ...] = ("normface", "cosface", "arcface", "combined")
+    # named losses, or a named loss with flat spec fields changed ("name:field=value,...") to the flavour the
+    # space holds: the margin space has the ArcFace fallback guard, insightface's combined margin has none
+    baselines: tuple[str, ...] = ("normface", "cosface", "arcface", "combined:target.guard=fallback")
     storage: str = ""                      # "" = sqlite:///<workdir>/optuna.db; any SQLAlchemy URL or journal:<path>
     ray_address: str = ""                  # "" = a local Ray; "auto", "host:6379" or "ray://host:10001"
     cpus_per_trial: float = 1.0
@@ -185,9 +187,15 @@ def _validate(config: CampaignConfig) -> CampaignConfig:
         if not ok:
             raise ConfigError(message)
     from marginsearch.losses import NAMED
-    unknown = [b for b in s.baselines if b not in NAMED]
+    unknown = [b for b in s.baselines if b.partition(":")[0] not in NAMED]
     if unknown:
         raise ConfigError(f"search.baselines: unknown named loss(es) {', '.join(unknown)}; named: {', '.join(NAMED)}")
+    from marginsearch.searchspace.space import baseline_spec
+    for baseline in s.baselines:
+        try:
+            baseline_spec(baseline)
+        except MarginsearchError as exc:
+            raise ConfigError(f"search.baselines: {exc}") from None
     return config
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import evaluate as ev
+from .images import to_float_images
 
 __all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS"]
 
@@ -28,8 +29,6 @@ class LabelledImages:
 def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size: int = 512,
           device: torch.device | str = "cpu", flip: bool = True) -> np.ndarray:
     """L2-normalised embeddings [N, D] (float64), each the normalised sum of the image's and its mirror's (insightface)."""
-    from .train import to_float_images
-
     was_training = model.training
     _set_training(model, False)
     out = []

@@ -18,6 +18,7 @@ from marginsearch.losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax,
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
+from .images import to_float_images
 from .judge import LabelledImages, judge
 
 __all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "to_float_images"]
@@ -86,14 +87,6 @@ class TrainResult:
     @property
     def metrics(self) -> dict[str, float]:
         return self.history[-1].metrics if self.history else {}
-
-
-def to_float_images(batch: Tensor, size: int | None = None) -> Tensor:
-    """uint8 [B, 3, H, W] → float in [−1, 1] (insightface's Normalize(0.5, 0.5)), resized if asked."""
-    x = batch.float().div_(127.5).sub_(1.0)
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[Tensor]:

@@ -499,3 +499,17 @@ def test_kappa_psi_replaces_infinite_concentration_by_the_largest_finite():
     assert seen.tolist() == [True, True, True, True, False]
     clamped, _ = kappa_psi(sums, counts, 0.4, 0.7, r_max=0.999)
     assert float((clamped[:4] - psi[:4]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_search_softmax_official_global_formula_on_edges(train):
+    """lfs_core/utils/loss.py: p = softmax(s·cos), p' = p_y/(A·p_y + 1 − A), A = a0·e^{s/3}; loss = −mean log p'."""
+    x, w, y = edge_batch("search-softmax")
+    head = build_head("search-softmax", {}, w, torch.float64).train(train)
+    loss = head(x, y)
+    s = 32.0
+    A = -1.0 * math.exp(s / 3.0)
+    logp = torch.log_softmax(s * cos_matrix(x, w).clamp(-1, 1), dim=1).gather(1, y[:, None]).squeeze(1)
+    p = logp.exp()
+    ref = -(logp - torch.log(A * p + 1.0 - A)).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-10)

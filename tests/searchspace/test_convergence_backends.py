@@ -71,6 +71,7 @@ def test_converges_in_the_optuna_backend(space_path):
     assert far > 0.6 and near < 0.1
 
 
+@pytest.mark.slow
 def test_converges_in_the_ray_backend(space_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")

@@ -9,6 +9,8 @@ import pytest  # noqa: E402
 from marginsearch.searchspace import TrialFailed, run_population  # noqa: E402
 from marginsearch.searchspace.search import RayOptions, SearchError, StudyOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end to end: campaigns, kills, Ray or whole studies (make check leaves it out)
+
 ray = pytest.importorskip("ray")
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

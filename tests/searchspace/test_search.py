@@ -68,7 +68,7 @@ def test_resume_tops_up_and_never_duplicates_baselines(tmp_path):
     result = run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r"), baselines="named")
     assert [r.number for r in result.rows] == list(range(8))
     assert [r.baseline for r in result.rows].count("arcface") == 1
-    assert sorted(r.baseline for r in result.rows if r.baseline) == ["arcface", "combined", "cosface", "normface"]
+    assert sorted(r.baseline for r in result.rows if r.baseline) == ["arcface", "cosface", "normface"]  # combined (no guard, as insightface) is not in it
     with pytest.raises(SearchError, match="already exists"):
         run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r", resume=False))
 
@@ -80,8 +80,9 @@ def test_journal_storage_and_grid_named(tmp_path):
 
 
 def test_unified_space_with_tpe_and_an_optuna_sampler_instance():
-    result = run_search("unified", toy, sampler="tpe", n_trials=6, baselines=["kappaface"], seed=1)
-    assert result.rows[0].named == "kappaface" and len(result.rows) == 6
+    flavour = "kappaface:class_margin.r_max=0.999"  # the kappa space's flavour: r̄ clamped (official: no clamp)
+    result = run_search("unified", toy, sampler="tpe", n_trials=6, baselines=[flavour], seed=1)
+    assert result.rows[0].baseline == flavour and len(result.rows) == 6
     result = run_search("margin", toy, sampler=optuna.samplers.RandomSampler(seed=0), n_trials=3)
     assert len(result.rows) == 3
 

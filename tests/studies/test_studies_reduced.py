@@ -8,6 +8,8 @@ from mlflow import MlflowClient
 
 from studies import run_all
 
+pytestmark = pytest.mark.slow  # end to end: campaigns, kills, Ray or whole studies (make check leaves it out)
+
 TABLES = {
     "named_baselines": ("| loss | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 10-fold accuracy | hard-pair accuracy | tail rank-1 |",
                         ["| normface |", "| cosface |", "| arcface |"]),

@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 from marginsearch.trainers.campaign import run_campaign
 from marginsearch.trainers.config import load_config, override
 
+pytestmark = pytest.mark.slow  # end to end: campaigns, kills, Ray or whole studies (make check leaves it out)
+
 TAG = "marginsearch."
 
 TINY = {

@@ -29,6 +29,8 @@ from marginsearch.searchspace.search import retried_numbers
 from marginsearch.trainers.campaign import run_campaign, spec_key
 from marginsearch.trainers.config import load_config, override
 
+pytestmark = pytest.mark.slow  # end to end: campaigns, kills, Ray or whole studies (make check leaves it out)
+
 TAG = "marginsearch."
 ROOT = Path(__file__).resolve().parents[2]
 TRIALS, BASELINES = 3, ["arcface"]
