@@ -161,7 +161,9 @@ FIDELITY: dict[str, Fidelity] = {
         ("p_m = p/(a·p + 1 − a) with a = a0·e^{s/3}, default a0 = −1 (a = −e^{s/3}), s = 32: our `a` is the "
          "official A (loss values equal)",
          "local space: one a per bin of p (pass the ten official a_j·e^{s/2} as `a`)"),
-        (Deviation("per-sample gradient; the official global loss multiplies each sample's gradient by its "
+        (Deviation("local space: at a bin edge p = j/10 exactly ours takes bin j, the official loop bin j − 1",
+                   None, "a single point per edge (measure zero)"),
+         Deviation("per-sample gradient; the official global loss multiplies each sample's gradient by its "
                    "label's multiplicity in the batch (B × B gather)", None, "the official code is wrong"),
          Deviation("stable −log p_m = CE + log(1 − a(1 − p)); the official log(softmax(·)) underflows at large s",
                    None, "numerics only"))),

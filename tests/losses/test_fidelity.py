@@ -88,7 +88,7 @@ class Official:
             raw = cos_plus(gt, m)
             mask = (c > raw[:, None]) & ~onehot
             if train:
-                self.t = 0.01 * float(gt.mean()) + 0.99 * self.t
+                self.t = 0.01 * float(gt.detach().mean()) + 0.99 * self.t
             neg = torch.where(mask, c * (self.t + c), c)
             f = torch.where(gt > torch.cos(math.pi - m), raw, gt - torch.sin(math.pi - m) * m)
         elif n == "kappaface":        # losses.py: acos, + m0·w_y, cos; no guard
