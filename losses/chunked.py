@@ -69,6 +69,7 @@ def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, la
         if rule is None:
             z = c * scale
         else:
+            assert threshold is not None
             z = torch.addcmul(c, _hard(c, threshold), T.NEGATIVE_RULE_DELTAS[rule](c, t)).mul_(scale)
     z.index_put_((rows, cols), z.new_full((), -float("inf")))
     return z, cos
@@ -131,15 +132,17 @@ class _NegativeLogSumExp(torch.autograd.Function):
             if need_s:  # dz/ds = z/s on the negatives
                 g_s += (d_raw * z).index_put_((rows, cols), z.new_zeros(())).sum() / scale
             if rule is not None:  # dz/dc = s·g'(c) on the mis-classified cells, s elsewhere
+                assert cos is not None and threshold is not None
                 c = T.clamp_cos(cos, clamp)
                 d_raw.mul_(torch.addcmul(c.new_ones(()), _hard(c, threshold), T.NEGATIVE_RULE_DELTA_GRADS[rule](c, t)))
             if clamp > 0.0:   # dc/dcos = 1 inside [−1 + clamp, 1 − clamp], else 0 (clamp's gradient)
+                assert cos is not None
                 d_raw.mul_(((cos >= -1.0 + clamp) & (cos <= 1.0 - clamp)).to(d_raw.dtype))
             d_raw.mul_(inv[lo:hi] * scale)   # dL/d(x_unit·W_j)
             d_raw.index_put_((rows, cols), target_raw.index_select(0, rows))
-            if need_x:
+            if g_x is not None:
                 g_x.addmm_(d_raw, weight[lo:hi])
-            if need_w:  # Σ_i dL/dcos_ij·cos_ij = Σ_i d_raw_ij·cos_ij/inv_j, over d_raw's buffer
+            if g_w is not None:  # Σ_i dL/dcos_ij·cos_ij = Σ_i d_raw_ij·cos_ij/inv_j, over d_raw's buffer
                 torch.mm(d_raw.t(), x_unit, out=g_w[lo:hi])
                 if cos is None:
                     column = d_raw.mul_(z).index_put_((rows, cols), z.new_zeros(())).sum(0) / (inv[lo:hi] * scale)

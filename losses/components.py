@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -366,7 +367,7 @@ def register_component(slot: str) -> Callable[[type], type]:
     def decorate(cls: type) -> type:
         if not issubclass(cls, Component):
             raise TypeError(f"{cls.__name__} must subclass losses.components.Component")
-        SLOTS[slot][cls.kind] = cls
+        SLOTS[slot][getattr(cls, "kind")] = cls  # noqa: B009  (a ClassVar of the dataclass)
         COMPONENTS[cls] = lambda p: p   # the spec value is its own behaviour; hooks read self.p
         cls.p = property(lambda self: self)
         return cls
@@ -425,7 +426,9 @@ def plan(head: nn.Module, parts: dict[str, Component], step: Step, scale: Tensor
             m2, m3 = parts[slot].margins(head, step, m2, m3)
             extra = extra + parts[slot].extra_loss(head, step)
     tgt = target.transform(head, step, m2, m3)
-    rule, t, threshold = None, 0.0, None
+    rule: str | None = None
+    t: Tensor | float = 0.0
+    threshold: Tensor | None = None
     if "negative" in parts:
         rule, t = parts["negative"].rule(head)
         with torch.no_grad():

@@ -177,13 +177,13 @@ class ShardedMarginSoftmax(nn.Module):
             cos = (x_unit @ w.t()) * inv                      # [N, C_r] against this rank's classes
             own_cos_y = torch.zeros_like(norms).index_put((rows,), cos[rows, cols].clamp(-1.0, 1.0))
             cos_y = _SumOverRanks.apply(own_cos_y, self.group)
-            scale = self.scale.to(dtype)
+            scale = self.get_buffer("scale").to(dtype)
             draw = lambda shape: _broadcast_draw(  # noqa: E731  every rank uses rank 0's draws
                 lambda: torch.randn(shape, device=x.device, dtype=torch.float32), self.group)
             plan = K.plan(self, self.parts, K.Step(labels, norms, x_unit.detach(), cos_y.detach(), self.training, draw),
                           scale)
             cos = T.clamp_cos(cos, plan.cos_clamp)
-            if plan.rule is not None:
+            if plan.rule is not None and plan.threshold is not None:
                 cos = torch.where(cos > plan.threshold[:, None], T.NEGATIVE_RULE_FNS[plan.rule](cos, plan.t), cos)
             target_cells = torch.zeros_like(cos, dtype=torch.bool)
             target_cells[rows, cols] = True
