@@ -23,8 +23,8 @@ margins, then the modulating factor. The arithmetic stays in the pure functions 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
