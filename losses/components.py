@@ -80,7 +80,7 @@ class Target:
 
 @dataclass
 class Plan:
-    """Everything a head needs besides the cosines: target transform, negative rule and threshold, factor a, extra loss."""
+    """All a head needs besides the cosines: target transform, negative rule and threshold, factor a, extra loss."""
 
     f: Callable[[Tensor], Tensor]
     rule: str | None
@@ -179,7 +179,7 @@ class SphereFaceTarget(Component):
 
 
 class PiecewiseTarget(Component):
-    """f(c) = a_i·c + b_i on n equal intervals of [−1, 1] (AM-LFS arXiv 1905.07375); buffers `slopes`, `intercepts` (not saved)."""
+    """f(c) = a_i·c + b_i on n equal intervals of [−1, 1] (AM-LFS arXiv 1905.07375); unsaved buffers `slopes`, `intercepts`."""
 
     name = "piecewise-linear target"
 
@@ -223,7 +223,7 @@ class KappaClassMargin(Component):
 
 
 class ElasticSampleMargin(Component):
-    """m_i = m + σ·N(0, 1) per sample per training step, on m2 (radians) or m3 (cosine units) (ElasticFace arXiv 2109.09416)."""
+    """m_i = m + σ·N(0, 1) per sample and training step, on m2 (radians) or m3 (cosine units) (ElasticFace 2109.09416)."""
 
     name = "ElasticFace sample margins"
 
@@ -236,7 +236,7 @@ class ElasticSampleMargin(Component):
 
 
 class AdaFaceSampleMargin(Component):
-    """Δm2 = −m·ẑ radians, Δm3 = m + m·ẑ cosine units from the feature norm against EMAs `norm_mean`, `norm_std` (AdaFace arXiv 2204.00964)."""
+    """Δm2 = −m·ẑ radians, Δm3 = m + m·ẑ cosine units, ẑ from |x| against EMAs `norm_mean`, `norm_std` (AdaFace 2204.00964)."""
 
     name = "AdaFace sample margins"
 
@@ -261,7 +261,7 @@ class AdaFaceSampleMargin(Component):
 
 
 class MagFaceSampleMargin(Component):
-    """Δm2 = m(a) radians, a = clamp(|x|, l_a, u_a), and the regulariser λ_g·mean(a/u_a² + 1/a) (MagFace arXiv 2103.06627)."""
+    """Δm2 = m(a) radians, a = clamp(|x|, l_a, u_a); regulariser λ_g·mean(a/u_a² + 1/a) (MagFace arXiv 2103.06627)."""
 
     name = "MagFace sample margins"
     sharded = False
@@ -279,7 +279,7 @@ class MagFaceSampleMargin(Component):
 
 # ---------------------------------------------------------------------- negatives
 class NegativeRule(Component):
-    """Negatives above a threshold re-weighted: the threshold is f(θ_y) or, with mask_against='margin', the unguarded margin formula."""
+    """Negatives above a threshold re-weighted; the threshold is f(θ_y), or the unguarded margin (mask_against='margin')."""
 
     def threshold(self, target: Target, cos_y: Tensor) -> Tensor:
         return target.mask(cos_y) if self.p.mask_against == "margin" else target.f(cos_y)
@@ -295,7 +295,7 @@ class MVNegatives(NegativeRule):
 
 
 class CurricularNegatives(NegativeRule):
-    """Hard negatives g(c) = c·(t + c), t an EMA of cos θ_y in buffer `curricular_t` (CurricularFace arXiv 2004.00288)."""
+    """Hard negatives g(c) = c·(t + c), t an EMA of cos θ_y in buffer `curricular_t` (CurricularFace 2004.00288)."""
 
     name = "CurricularFace negatives"
 
@@ -360,7 +360,7 @@ ORDER = ("target", "class_margin", "sample_margin", "negative", "modulation")
 
 
 def register_component(slot: str) -> Callable[[type], type]:
-    """Class decorator: a frozen dataclass that is also its own `Component` joins `slot` of `MarginSpec` under its `kind`."""
+    """Class decorator: a frozen dataclass that is its own `Component` joins `slot` of `MarginSpec` under its `kind`."""
     if slot not in SLOTS:
         raise ValueError(f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}")
 
