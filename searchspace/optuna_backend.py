@@ -1,7 +1,7 @@
 """The Optuna backend of `run_search`: `study.optimize` in this process, any Optuna storage."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -34,13 +34,21 @@ def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optu
     return run
 
 
+def _taken(study: optuna.Study) -> int:
+    """Trials finished or running in any process: a worker stops once they make up n_trials, so N workers do not overshoot.
+
+    A RUNNING trial of a process that died counts until its heartbeat goes stale; the next run retries it.
+    """
+    return finished_count(study) + len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
 def run_optuna(plan: SearchPlan) -> SearchResult:
     """Run the search with `study.optimize` (heartbeats and stale-trial retry come with RDB storages)."""
     study, _ = open_study(plan.study.storage, plan.study.name, plan.sampler, PRUNERS[plan.pruner](), plan.study.resume)
     enqueue_baselines(study, plan.space, plan.baselines)
     remaining = plan.n_trials - finished_count(study)
     hooks = [lambda st, trial, cb=cb: cb(row_of(trial, plan.space)) for cb in plan.callbacks]
-    hooks.append(lambda st, trial: st.stop() if finished_count(st) >= plan.n_trials else None)  # other workers count too
+    hooks.append(lambda st, trial: st.stop() if _taken(st) >= plan.n_trials else None)
     if remaining > 0:
         study.optimize(optuna_objective(plan.space, plan.objective), n_trials=remaining, catch=(TrialFailed,),
                        callbacks=hooks, gc_after_trial=False)

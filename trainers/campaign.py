@@ -148,7 +148,8 @@ def _campaign_runs(tracker: CampaignTracker, name: str) -> list[Any]:
     return tracker.runs({f"tags.`{TAG}kind`": "search", f"tags.`{TAG}campaign`": name})
 
 
-def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, log: Callable[[str], None]) -> tuple[str, str]:
+def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, log: Callable[[str], None],
+                   joining: bool = False) -> tuple[str, str]:
     """(campaign key, parent run id): the newest unfinished campaign of this name, or the next one."""
     name = config.campaign.name
     runs = _campaign_runs(tracker, name)
@@ -156,7 +157,8 @@ def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, 
     finished = latest is not None and latest.data.tags.get(f"{TAG}phase") == "done" and latest.info.status == "FINISHED"
     if latest is not None and not new and not finished:  # killed after phase "done" but before the run ended: resume
         key = latest.data.tags[f"{TAG}campaign_key"]
-        log(f"resuming campaign {key} (phase {latest.data.tags.get(f'{TAG}phase', 'search')})")
+        verb = "joining" if joining else "resuming"
+        log(f"{verb} campaign {key} (phase {latest.data.tags.get(f'{TAG}phase', 'search')})")
     else:
         numbers = [int(r.data.tags.get(f"{TAG}campaign_key", "-0").rsplit("-", 1)[-1] or 0) for r in runs]
         key = f"{name}-{max(numbers, default=0) + 1}"
@@ -175,11 +177,12 @@ def _space_text(space: str) -> str:
 
 # ---------------------------------------------------------------------------- search
 def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: str,
-            log: Callable[[str], None]) -> SearchResult:
+            log: Callable[[str], None], retry_running: bool = True) -> SearchResult:
     from marginsearch.searchspace.search import RayOptions, StudyOptions, run_search
 
     s = config.search
-    _retry_abandoned_trials(config, key, log)
+    if retry_running:
+        _retry_abandoned_trials(config, key, log)
     objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key)
     log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
         f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
@@ -345,8 +348,15 @@ def _check_inputs(config: CampaignConfig) -> None:
 
 
 def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str, ...] = ("search", "promote"),
-                 log: Callable[[str], None] = print) -> CampaignResult:
-    """Search, then promote and register, recording everything in MLflow; resumable after a kill at any point."""
+                 worker: bool = False, log: Callable[[str], None] = print) -> CampaignResult:
+    """Search, then promote and register, recording everything in MLflow; resumable after a kill at any point.
+
+    `worker=True` (search phase only) joins the newest unfinished campaign as one of several
+    processes on the same study and stores: it never fails or closes another process's RUNNING
+    trials and runs; a trial whose process died is retried once its heartbeat is stale (RDB storages).
+    """
+    if worker and ("promote" in phases or new):
+        raise ConfigError("a worker runs the search phase of an existing or new campaign only (no --new, no promote)")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `log`; failures keep their reason
@@ -355,11 +365,12 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     check_tracking_uri(uri)
     _check_inputs(config)                     # fail fast on bad input before any store is touched
     tracker = CampaignTracker(uri, config.experiment)
-    key, parent = _open_campaign(config, tracker, new, log)
-    closed = tracker.close_abandoned(parent, "its process stopped before ending the run (campaign resumed)")
-    if closed:
-        log(f"marked {len(closed)} run(s) left RUNNING by a stopped process as KILLED")
-    result = _search(config, tracker, key, parent, log) if "search" in phases else None
+    key, parent = _open_campaign(config, tracker, new, log, joining=worker)
+    if not worker:  # a worker cannot know whether a RUNNING run belongs to a live process: heartbeats decide
+        closed = tracker.close_abandoned(parent, "its process stopped before ending the run (campaign resumed)")
+        if closed:
+            log(f"marked {len(closed)} run(s) left RUNNING by a stopped process as KILLED")
+    result = _search(config, tracker, key, parent, log, retry_running=not worker) if "search" in phases else None
     if result is None:
         result = _read_search(config, key)
     figures = _search_figures(result)

@@ -5,7 +5,7 @@
     marginsearch evaluate --model PATH --data SOURCE [--split test]
     marginsearch export --model PATH --format torchscript|onnx --out FILE
     marginsearch campaign [--config FILE] [--set section.key=value ...] [--tracking-uri URI] [--resume | --new]
-    marginsearch search   [same options]        the search phase only (proxy trials in MLflow)
+    marginsearch search   [same options] [--worker]   the search phase only; --worker: one of N processes
     marginsearch promote  [same options]        promote and register from the newest campaign's search
     marginsearch ui [--tracking-uri URI]        how to open the MLflow UI on the store
 
@@ -144,11 +144,11 @@ def _print_epoch(report) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .export import load_model
+    from .export import load_any_model
     from .judge import judge, judge_pairs
     from .sources import PairSet, evaluation_data
 
-    model, _ = _load_any_model(args.model, load_model, args.tracking_uri)
+    model, _ = load_any_model(args.model, args.tracking_uri)
     data = evaluation_data(args.data, split=args.split)
     if isinstance(data, PairSet):
         metrics = judge_pairs(model, data.images, data.issame)
@@ -156,25 +156,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = judge(model, data, pairs=args.pairs)
     print(json.dumps({"data": args.data, "metrics": metrics}, indent=1, default=_nan_safe))
     return 0
-
-
-def _load_any_model(uri: str, load_model: Callable, tracking_uri: str | None = None):
-    if uri.startswith("models:/") or uri.startswith("runs:/"):
-        import mlflow
-        import mlflow.pytorch
-        from mlflow.exceptions import MlflowException
-
-        from .tracking import check_tracking_uri, resolve_tracking_uri
-
-        store = resolve_tracking_uri(tracking_uri, Path.cwd())
-        check_tracking_uri(store)
-        mlflow.set_tracking_uri(store)
-        mlflow.set_registry_uri(store)
-        try:
-            return mlflow.pytorch.load_model(uri), {}
-        except MlflowException as exc:
-            raise UsageError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
-    return load_model(uri)
 
 
 def _campaign_config(args: argparse.Namespace):
@@ -193,7 +174,8 @@ def _run_phases(args: argparse.Namespace, phases: tuple[str, ...]) -> int:
     config = _campaign_config(args)
     if args.resume and args.new:
         raise UsageError("--resume and --new exclude each other")
-    result = run_campaign(config, new=args.new, phases=phases, log=lambda line: print(line, flush=True))
+    worker = bool(getattr(args, "worker", False))
+    result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=lambda line: print(line, flush=True))
     if "promote" in phases:
         print("\n" + result.summary())
     else:
@@ -224,9 +206,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, load_model
+    from .export import export_model, load_any_model
 
-    model, meta = load_model(args.model)
+    model, meta = load_any_model(args.model, args.tracking_uri)
     size = int(meta.get("input_size") or meta.get("input", {}).get("shape", [0, 0, 0, 112])[3])
     path = export_model(model, args.out, args.format, input_size=size, extra={"spec": meta.get("spec")})
     print(f"wrote {path}")
@@ -280,14 +262,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", metavar="URI", help="MLflow store of a models:/ URI (default: ./mlflow.db)")
 
     s = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")
-    s.add_argument("--model", required=True, metavar="PATH")
+    s.add_argument("--model", required=True, metavar="PATH_OR_MODELS_URI", help="a model.pt, or models:/NAME@champion")
+    s.add_argument("--tracking-uri", metavar="URI", help="MLflow store of a models:/ URI (default: ./mlflow.db)")
     s.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
     s.add_argument("--out", required=True, metavar="FILE")
 
     for name, text in (("campaign", "search, then promote the best to full training and register the champion"),
                        ("search", "the search phase of a campaign"),
                        ("promote", "promote and register from the newest campaign's search")):
-        _campaign_options(sub.add_parser(name, help=text))
+        s = sub.add_parser(name, help=text)
+        _campaign_options(s)
+        if name == "search":
+            s.add_argument("--worker", action="store_true",
+                           help="one of several processes on the same campaign, study and stores: run it N times "
+                                "(one start first, the others once it has started); then `marginsearch promote`")
     s = sub.add_parser("ui", help="print the command that opens the MLflow UI on the campaign's store")
     s.add_argument("--config", metavar="FILE.toml")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")

@@ -18,7 +18,8 @@ from torch import nn
 
 from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["ExportError", "FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model"]
+__all__ = ["ExportError", "FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model",
+           "load_mlflow_model", "load_any_model"]
 
 FORMATS = ("torchscript", "onnx")
 
@@ -31,11 +32,19 @@ META_FILE = "marginsearch.json"
 def describe(model: nn.Module, input_size: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The description stored with an export: how to feed the model and what it returns."""
     with torch.no_grad():
-        dim = model.eval()(torch.zeros(2, 3, input_size, input_size)).shape[1]
+        dim = _in_eval_mode(model)(torch.zeros(2, 3, input_size, input_size)).shape[1]
     return {"input": {"shape": ["batch", 3, input_size, input_size], "dtype": "float32", "channels": "RGB",
                       "normalisation": "x / 127.5 - 1"},
             "output": {"shape": ["batch", int(dim)], "l2_normalised": True},
             **(dict(extra) if extra else {})}
+
+
+def _in_eval_mode(model: nn.Module) -> nn.Module:
+    """`model.eval()`; a torch.export program (an MLflow pt2 model) refuses the call and is in eval mode already."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def export_model(model: nn.Module, path: str | Path, fmt: str = "torchscript", input_size: int = 32,
@@ -45,7 +54,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str = "torchscript", i
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    model = _in_eval_mode(model.cpu()).to(memory_format=torch.contiguous_format)
     meta = describe(model, input_size, extra)
     example = torch.zeros(2, 3, input_size, input_size)
     if fmt == "torchscript":  # deprecated in torch 2.10+ in favour of torch.export, still what deployments load
@@ -123,3 +132,41 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A logged or registered model (`models:/name@champion`, `models:/name/3`, `runs:/<id>/model`) and its description.
+
+    `tracking_uri` names the store (None: ./mlflow.db). The description is the one logged with the
+    model (input shape, normalisation, spec); its input size is set on the module as `input_size`
+    (H, W), so the judge resizes other images to it as it does for a local model.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from .tracking import check_tracking_uri, resolve_tracking_uri
+
+    store = resolve_tracking_uri(tracking_uri, Path.cwd())
+    check_tracking_uri(store)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        model = mlflow.pytorch.load_model(uri)
+        meta = dict((Model.load(uri).metadata or {}).get("marginsearch", {}))
+    except (MlflowException, OSError) as exc:
+        raise ExportError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
+    shape = meta.get("input", {}).get("shape")
+    if isinstance(shape, list) and len(shape) == 4:
+        model.input_size = (int(shape[2]), int(shape[3]))
+        meta.setdefault("input_size", int(shape[3]))
+    return model, meta
+
+
+def load_any_model(path_or_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """`load_mlflow_model` for a models:/ or runs:/ URI, else `load_model` of a bundle or TorchScript file."""
+    if path_or_uri.startswith(("models:/", "runs:/")):
+        return load_mlflow_model(path_or_uri, tracking_uri)
+    return load_model(path_or_uri)
+

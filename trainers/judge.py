@@ -134,6 +134,6 @@ def _pair_scores(emb: np.ndarray, block_floats: int = 1 << 22) -> np.ndarray:
 
 
 def _model_input_size(model: nn.Module) -> int | None:
-    backbone = getattr(model, "backbone", model)
-    size = getattr(backbone, "input_size", None)
+    """The input size a model was trained at: its own `input_size` (set on a loaded MLflow model), else its backbone's."""
+    size = getattr(model, "input_size", None) or getattr(getattr(model, "backbone", model), "input_size", None)
     return size[0] if isinstance(size, tuple) else size

@@ -417,9 +417,10 @@ def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id:
     example = np.random.default_rng(0).uniform(-1.0, 1.0, (2, 3, input_size, input_size)).astype(np.float32)
     meta = describe(model, input_size, extra)
     dim = int(meta["output"]["shape"][1])
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), "embeddings")]))
+    # unnamed tensor specs: pyfunc (and `mlflow models serve`) then pass the ndarray itself to the model,
+    # where a named spec would make a dict, which the PyTorch flavour refuses
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="embedding")
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -121,7 +121,7 @@ def test_champion_loads_in_a_fresh_process_without_marginsearch(campaign, tmp_pa
         with torch.no_grad():
             out = model(torch.from_numpy(np.load("images.npy"))).numpy()
         np.save("embeddings.npy", out)
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("trainers", "losses", "searchspace")))
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("marginsearch", "trainers", "losses", "searchspace")))
     """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": campaign["tracker"].tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -143,3 +143,50 @@ def test_champion_without_a_stored_metric_is_left_alone(campaign):
     result = register_and_gate(client, "emb-manual", runs["c"], "tar", 0.99)
     assert not result.became_champion and "has no stored tar" in result.reason
     assert str(champion(client, "emb-manual").version) == first.version
+
+
+def test_the_champion_serves_through_pyfunc_on_a_plain_ndarray(campaign):
+    import mlflow.pyfunc
+
+    client, runs, acc = campaign["client"], campaign["runs"], campaign["accuracy"]
+    register_and_gate(client, "emb-serve", runs["c"], "acc", acc["c"])
+    mlflow.set_tracking_uri(campaign["tracker"].tracking_uri)
+    mlflow.set_registry_uri(campaign["tracker"].tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/emb-serve@champion")  # the path `mlflow models serve` takes
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 3, SIZE, SIZE)).astype(np.float32)
+    out = np.asarray(model.predict(images))
+    with torch.no_grad():
+        expected = campaign["models"]["c"](torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_export_and_evaluate_take_a_models_uri_and_resize_other_image_sizes(campaign, tmp_path, monkeypatch, capsys):
+    import json
+
+    from marginsearch.trainers.cli import main
+    from marginsearch.trainers.export import load_torchscript
+
+    client, runs, acc = campaign["client"], campaign["runs"], campaign["accuracy"]
+    register_and_gate(client, "emb-export", runs["c"], "acc", acc["c"])
+    uri = campaign["tracker"].tracking_uri
+    out = tmp_path / "champion.ts"
+    assert main(["export", "--model", "models:/emb-export@champion", "--tracking-uri", uri, "--out", str(out)]) == 0
+    module, meta = load_torchscript(out)
+    images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        np.testing.assert_allclose(module(images).numpy(), campaign["models"]["c"](images).numpy(), atol=1e-5)
+    assert meta["input"]["shape"][2:] == [SIZE, SIZE]
+    # evaluate on 48×48 images: the registered model's input size comes from its description, images are resized
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for person in range(4):
+        (tmp_path / "faces" / f"p{person}").mkdir(parents=True)
+        for k in range(3):
+            pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "faces" / f"p{person}" / f"{k}.png")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "models:/emb-export@champion", "--tracking-uri", uri,
+                 "--data", f"imagefolder:{tmp_path / 'faces'}", "--pairs", "10"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert 0.0 <= metrics["auc"] <= 1.0
