@@ -179,7 +179,7 @@ class SphereFaceTarget(Component):
 
 
 class PiecewiseTarget(Component):
-    """f(c) = a_i·c + b_i on n equal intervals of [−1, 1] (AM-LFS arXiv 1905.07375); unsaved buffers `slopes`, `intercepts`."""
+    """f(c) = a_i·c + b_i on n equal intervals of [−1, 1] (AM-LFS arXiv 1905.07375); buffers `slopes`, `intercepts`."""
 
     name = "piecewise-linear target"
 
@@ -223,7 +223,7 @@ class KappaClassMargin(Component):
 
 
 class ElasticSampleMargin(Component):
-    """m_i = m + σ·N(0, 1) per sample and training step, on m2 (radians) or m3 (cosine units) (ElasticFace 2109.09416)."""
+    """m_i = m + σ·N(0, 1) per sample and step, on m2 (radians) or m3 (cosine units) (ElasticFace 2109.09416)."""
 
     name = "ElasticFace sample margins"
 
@@ -236,7 +236,7 @@ class ElasticSampleMargin(Component):
 
 
 class AdaFaceSampleMargin(Component):
-    """Δm2 = −m·ẑ radians, Δm3 = m + m·ẑ cosine units, ẑ from |x| against EMAs `norm_mean`, `norm_std` (AdaFace 2204.00964)."""
+    """Δm2 = −m·ẑ radians, Δm3 = m + m·ẑ cosine units, ẑ from |x| and EMAs `norm_mean`, `norm_std` (AdaFace)."""
 
     name = "AdaFace sample margins"
 
@@ -279,7 +279,7 @@ class MagFaceSampleMargin(Component):
 
 # ---------------------------------------------------------------------- negatives
 class NegativeRule(Component):
-    """Negatives above a threshold re-weighted; the threshold is f(θ_y), or the unguarded margin (mask_against='margin')."""
+    """Negatives above a threshold re-weighted; threshold f(θ_y) or the unguarded margin (mask_against='margin')."""
 
     def threshold(self, target: Target, cos_y: Tensor) -> Tensor:
         return target.mask(cos_y) if self.p.mask_against == "margin" else target.f(cos_y)
