@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["markdown_table", "device_name"]
 
@@ -17,7 +18,7 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def device_name(device: Any) -> str:
-    """'NVIDIA H200 (139.8 GiB)' for a CUDA device, 'CPU (x86_64, 2 cores)' otherwise; `device` a torch.device or str."""
+    """'NVIDIA H200 (139.8 GiB)' for a CUDA device, 'CPU (x86_64, 2 cores)' otherwise (a torch.device or str)."""
     import torch
 
     device = torch.device(device)

@@ -4,6 +4,11 @@
     python bench/gpu_check.py --dry-run --out DIR   # the same code paths on CPU at tiny sizes (about a minute)
     python bench/gpu_check.py --out DIR --only head amp   # some sections only (a second, shorter window)
 
+On a lent machine whose image holds torch but not this package (nor optuna, mlflow, ray), install it
+offline first: `python3 -m pip install --no-deps --no-build-isolation -e . && python3
+bench/gpu_check.py --out $OUT`. Sections that need a missing package fail their check with its name
+and the others still run (without ray the campaign runs on the optuna backend, and says so).
+
 Sections (one function each, sizes in `GPU_PLAN` / `DRY_PLAN`):
 
 1. head: forward + backward of `MarginSoftmax` (named points, full and class-chunked) against plain
@@ -19,7 +24,9 @@ Sections (one function each, sizes in `GPU_PLAN` / `DRY_PLAN`):
    and the last epoch's loss within `AMP_TOLERANCE` of float32;
 5. distributed: `torchrun` NCCL DDP and `head_parallel` where 2 GPUs are present.
 
-Each section times itself; the run keeps to a total budget (`--budget`, 480 s on a GPU) and
+They run in the order head, campaign, amp, distributed, backbones (the compilations last, so a slow
+compile eats only into its own section) and are reported in the order above. Each section times
+itself; the run keeps to a total budget (`--budget`, 480 s on a GPU) and
 skips what no longer fits with a note. The report is rewritten after every section, so a run
 cut off mid-way still leaves one. Without a GPU (and without --dry-run) it stops at once with
 one line on stderr and exit code 2. Exit code 1 when a check failed, else 0.
@@ -40,18 +47,17 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 if __package__:
     from .common import device_name, markdown_table
-    from .head_speed import insightface_style_arcface
 else:  # run as a script: bench/ is on sys.path
     from common import device_name, markdown_table
-    from head_speed import insightface_style_arcface
 
 # ---------------------------------------------------------------------------- what is measured
 HEAD_POINTS = ("arcface", "cosface", "curricularface")       # full mode
@@ -197,8 +203,34 @@ class Section:
             return fn()
         except Exception as exc:  # noqa: BLE001 - one failing path must not cost the rest of a GPU window
             traceback.print_exc()
-            self.check(what, False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self.check(what, False, f"{type(exc).__name__}: {first}")
             return None
+
+
+_DATA: dict[str, Any] = {}
+
+
+def load_data(source: str) -> Any:
+    """The `TrainData` of a source string, loaded once (`trainers.sources`: torch, numpy and Pillow only)."""
+    from marginsearch.trainers.sources import training_data
+
+    if source not in _DATA:
+        _DATA[source] = training_data(source)
+    return _DATA[source]
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that cannot be imported here."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    return [n for n in names if absent(n)]
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -206,7 +238,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 # ---------------------------------------------------------------------------- 0. the machine
@@ -242,7 +274,7 @@ def copy_bandwidth(run: Run, nbytes: int) -> float:
 
 
 def peak_bandwidth(run: Run) -> float | None:
-    """Bytes/s from the device properties (memory clock × bus width × 2 for double data rate), where torch exposes them."""
+    """Bytes/s from the device properties (memory clock × bus width × 2, double data rate), where torch has them."""
     if run.device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(run.device)
@@ -260,6 +292,11 @@ def head_columns(x: torch.Tensor, w: torch.nn.Parameter, y: torch.Tensor, chunk:
 
     from marginsearch.losses import MarginSoftmax, named
 
+    if __package__:
+        from .head_speed import insightface_style_arcface
+    else:
+        from head_speed import insightface_style_arcface
+
     columns: dict[str, Callable[[], torch.Tensor]] = {
         "linear + CE": lambda: F.cross_entropy(F.linear(x, w), y),
         REFERENCE: lambda: insightface_style_arcface(x, w, y),
@@ -276,7 +313,7 @@ def head_columns(x: torch.Tensor, w: torch.nn.Parameter, y: torch.Tensor, chunk:
 
 def time_columns(run: Run, columns: dict[str, Callable[[], torch.Tensor]], params: list[torch.Tensor],
                  rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds per round of forward (bf16 autocast) + backward for each column, rounds interleaved; and the last losses."""
+    """Seconds per round of forward (bf16 autocast) + backward of each column, rounds interleaved; the last losses."""
     times: dict[str, list[float]] = {name: [] for name in columns}
     losses: dict[str, float] = {}
     for r in range(warmup + rounds):
@@ -312,7 +349,7 @@ def peak_mib(run: Run, fn: Callable[[], torch.Tensor], params: list[torch.Tensor
 
 
 def head_case(run: Run, sec: Section, batch: int, classes: int, bandwidth: float) -> None:
-    """One (B, C): every column's median ms, ratios to linear + CE, to the bandwidth floor and the reference's speed-up."""
+    """One (B, C): each column's median ms, ratios to linear + CE and to the bandwidth floor, the reference's ÷ this."""
     plan, dim = run.plan, run.plan.head_dim
     g = torch.Generator(device=run.device).manual_seed(0)
     w = torch.nn.Parameter(torch.randn(classes, dim, generator=g, device=run.device) * 0.01)
@@ -359,12 +396,13 @@ def head_section(run: Run, sec: Section) -> None:
         for classes in plan.head_classes:
             if sec.out_of_time(deadline, f"B={batch}, C={classes:,}"):
                 return
-            sec.attempt(f"head B={batch} C={classes}", lambda: head_case(run, sec, batch, classes, bandwidth))
+            sec.attempt(f"head B={batch} C={classes}",
+                        lambda b=batch, c=classes: head_case(run, sec, b, c, bandwidth))
 
 
 # ---------------------------------------------------------------------------- 2. backbones
 def bare_images_per_second(run: Run, data: Any, budget: Any, compiled: bool) -> float:
-    """The trainer's step as a plain loop (device-resident uint8 images, flips, channels-last, autocast, SGD), nothing else."""
+    """The trainer's step as a bare loop: device-resident uint8 images, flips, channels-last, autocast, SGD."""
     from marginsearch.losses import MarginSoftmax, named
     from marginsearch.trainers.backbones import build_backbone
     from marginsearch.trainers.train import to_float_images
@@ -434,11 +472,9 @@ def backbone_case(run: Run, sec: Section, data: Any, backbone: str, compiled: bo
 
 
 def backbone_section(run: Run, sec: Section) -> None:
-    from marginsearch.trainers.objective import data_for
-
     deadline = run.section_deadline("backbones")
     plan = run.plan
-    data = data_for(plan.train_source)
+    data = load_data(plan.train_source)
     sec.lines += [f"{plan.train_source} ({len(data.labels)} training images, {data.num_classes} identities) resized "
                   f"to {plan.image_size}×{plan.image_size}, batch {plan.batch_size}, embedding {plan.embedding_size}, "
                   f"{TRAIN_LOSS}, SGD; bf16 autocast on CUDA (the trainer runs float32 on CPU), channels-last. "
@@ -451,12 +487,12 @@ def backbone_section(run: Run, sec: Section) -> None:
                            f"{backbone} {'compiled' if compiled else 'eager'}"):
             break
         sec.attempt(f"{backbone} {'compiled' if compiled else 'eager'}",
-                    lambda: backbone_case(run, sec, data, backbone, compiled))
+                    lambda b=backbone, c=compiled: backbone_case(run, sec, data, b, c))
     rows = []
     for r in sec.data.get("cases", []):
         ips, bare = r.get("trainer_ips"), r["bare_ips"]
-        rows.append([r["backbone"], "yes" if r["compile"] else "no", fmt(ips, 0), fmt(r.get("trainer_first_epoch_ips"), 0),
-                     fmt(bare, 0), fmt(ips / bare if ips else None, 2)])
+        rows.append([r["backbone"], "yes" if r["compile"] else "no", fmt(ips, 0),
+                     fmt(r.get("trainer_first_epoch_ips"), 0), fmt(bare, 0), fmt(ips / bare if ips else None, 2)])
     sec.table(["backbone", "torch.compile", "trainer img/s", "trainer epoch 1 img/s", "bare loop img/s",
                "trainer ÷ bare"], rows)
 
@@ -567,7 +603,8 @@ def campaign_run(run: Run, sec: Section, backend: str) -> bool:
     overrides = campaign_overrides(run, workdir, backend)
     config = override(load_config(), overrides)
     sec.lines += [f"**Backend {backend}**: `run_campaign(override(load_config(), …))` in a temporary workdir with "
-                  + ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items() if k != "campaign.workdir") + ".", ""]
+                  + ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items() if k != "campaign.workdir")
+                  + ".", ""]
     log: list[str] = []
     record: dict[str, Any] = {"backend": backend, "overrides": overrides, "log": log}
     sec.data.setdefault("runs", []).append(record)
@@ -600,13 +637,16 @@ def campaign_run(run: Run, sec: Section, backend: str) -> bool:
                for m in result.promoted])
     want = run.device.type
     complete = [r for r in result.search.rows if r.state == "COMPLETE"]
-    sec.check(f"campaign ({backend}): every trial complete", bool(complete) and len(complete) == len(result.search.rows),
+    sec.check(f"campaign ({backend}): every trial complete",
+              bool(complete) and len(complete) == len(result.search.rows),
               f"{len(complete)} of {len(result.search.rows)} complete")
     # on CUDA the allocator's peak proves the training put its tensors on the GPU
     on_device = [p for p in probes if p["device"].startswith(want) and (want == "cpu" or (p["peak_mib"] or 0) > 0)]
     sec.check(f"campaign ({backend}): every trial and promotion trained on {want}",
-              len(on_device) == len(probes) and len(trials) >= len(complete) and len(promotions) >= len(result.promoted) > 0,
-              f"{len(on_device)} of {len(probes)} probes on {want}: {len(trials)} trial(s), {len(promotions)} promotion(s)")
+              len(on_device) == len(probes) and len(trials) >= len(complete)
+              and len(promotions) >= len(result.promoted) > 0,
+              f"{len(on_device)} of {len(probes)} probes on {want}: {len(trials)} trial(s), "
+              f"{len(promotions)} promotion(s)")
     if not os.environ.get("GPU_CHECK_KEEP"):
         shutil.rmtree(workdir, ignore_errors=True)
     return True
@@ -621,9 +661,18 @@ def campaign_section(run: Run, sec: Section) -> None:
         sec.note(f"dry run: backend {plan.campaign_backend!r} on {plan.campaign_source}, Ray's GPU resources do not "
                  f"apply on CPU; the GPU run uses Ray with search.gpus_per_trial = {GPU_PLAN.gpus_per_trial}")
     backend = plan.campaign_backend
+    missing = missing_modules(("optuna", "mlflow") + (("ray",) if backend == "ray" else ()))
+    if "optuna" not in missing and "mlflow" not in missing and "ray" in missing:
+        sec.note("ray is not installed here: the campaign runs on the optuna backend instead (trials in this process)")
+        backend, missing = "optuna", []
+    if missing:
+        sec.check("campaign: its packages are installed", False,
+                  f"{', '.join(missing)} not importable here (a campaign needs optuna and mlflow; Ray trials need ray)")
+        return
     if sec.attempt(f"campaign ({backend})", lambda: campaign_run(run, sec, backend)) is None and backend != "optuna":
         if not sec.out_of_time(deadline, "the optuna fallback"):
-            sec.note(f"the {backend} campaign failed: the same campaign again on the optuna backend (trials in this process)")
+            sec.note(f"the {backend} campaign failed: the same campaign again on the optuna backend "
+                     "(trials in this process)")
             sec.attempt("campaign (optuna)", lambda: campaign_run(run, sec, "optuna"))
 
 
@@ -647,11 +696,9 @@ def amp_point(run: Run, data: Any, point: str) -> dict[str, Any]:
 
 def amp_section(run: Run, sec: Section) -> None:
     from marginsearch.losses import NAMED
-    from marginsearch.trainers.objective import data_for
-
     deadline = run.section_deadline("amp")
     plan = run.plan
-    data = data_for(plan.amp_source)
+    data = load_data(plan.amp_source)
     sec.lines += [f"Every named point, tiny backbone on {plan.amp_source}, batch {plan.amp_batch}, "
                   f"{plan.amp_epochs} epoch(s) of `trainers.train.train` per precision from seed 0 "
                   "(Budget.amp = off / bf16 / fp16; fp16 with the trainer's GradScaler). Loss: the mean training "
@@ -663,7 +710,7 @@ def amp_section(run: Run, sec: Section) -> None:
     for point in NAMED:
         if sec.out_of_time(deadline, point):
             break
-        r = sec.attempt(f"amp {point}", lambda: amp_point(run, data, point))
+        r = sec.attempt(f"amp {point}", lambda p=point: amp_point(run, data, p))
         if r is None:
             continue
         sec.data.setdefault("points", []).append(r)
@@ -696,7 +743,8 @@ def torchrun_case(run: Run, sec: Section, name: str, extra: list[str], timeout: 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "marginsearch.trainers.cli", "train", "--loss", TRAIN_LOSS, "--data", plan.ddp_source,
            "--budget", "proxy", "--budget-set", "epochs=1", "--budget-set", f"batch_size={plan.ddp_batch}",
-           "--budget-set", "eval_pairs=300", "--budget-set", f"reward_metric={plan.reward_metric}", *extra, "--quiet", "--out", str(out)]
+           "--budget-set", "eval_pairs=300", "--budget-set", f"reward_metric={plan.reward_metric}", *extra,
+           "--quiet", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 5.0), env=env)
@@ -705,7 +753,8 @@ def torchrun_case(run: Run, sec: Section, name: str, extra: list[str], timeout: 
     row = {"case": name, "returncode": proc.returncode, "seconds": seconds, "status": summary.get("status"),
            "reward": summary.get("reward"), "stderr_tail": proc.stderr[-2000:]}
     sec.data.setdefault("cases", []).append(row)
-    ok = proc.returncode == 0 and summary.get("status") == "complete" and math.isfinite(summary.get("reward") or math.nan)
+    reward = summary.get("reward")
+    ok = proc.returncode == 0 and summary.get("status") == "complete" and math.isfinite(reward or math.nan)
     last = (proc.stderr.strip().splitlines() or [""])[-1]
     sec.check(f"torchrun 2 processes, {name}: complete", ok, "" if ok else f"exit {proc.returncode}: {last}")
 
@@ -724,7 +773,8 @@ def distributed_section(run: Run, sec: Section) -> None:
     for name, extra in DISTRIBUTED_CASES.items():
         if sec.out_of_time(deadline, name):
             break
-        sec.attempt(f"torchrun {name}", lambda: torchrun_case(run, sec, name, extra, deadline - time.perf_counter()))
+        sec.attempt(f"torchrun {name}",
+                    lambda n=name, e=extra: torchrun_case(run, sec, n, e, deadline - time.perf_counter()))
     sec.table(["case", "status", "reward", "seconds", "exit code"],
               [[r["case"], r["status"], fmt(r["reward"], 4), fmt(r["seconds"], 1), r["returncode"]]
                for r in sec.data.get("cases", [])])
@@ -779,7 +829,8 @@ def write_report(out: Path, run: Run, info: dict[str, Any], sections: list[Secti
     else:
         device = f"{info['device']}, {info['threads']} torch threads (no GPU used)"
         software = f"torch {info['torch']}, CUDA {info['cuda'] or 'none (CPU build)'}, Python {info['python']}"
-    lines = ["# GPU check", "", f"Mode: {mode}.", "", f"Device: {device}.", "", f"Software: {software}; {info['platform']}.", "",
+    lines = ["# GPU check", "", f"Mode: {mode}.", "", f"Device: {device}.", "",
+             f"Software: {software}; {info['platform']}.", "",
              f"Command: `{run.command}`", "",
              f"Total {run.elapsed():.0f} s of a {run.plan.budget_s:.0f} s budget; checks: {len(checks) - len(failed)} "
              f"passed, {len(failed)} failed.", ""]
@@ -818,6 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print(f"no CUDA device: {no_cuda_reason()}; use --dry-run on CPU", file=sys.stderr)
+        return 2
+    if missing_modules(("marginsearch",)) or missing_modules(("marginsearch.losses",)):
+        print("marginsearch is not importable: install it first (offline: python -m pip install --no-deps "
+              "--no-build-isolation -e .)", file=sys.stderr)
         return 2
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     if args.budget is not None:

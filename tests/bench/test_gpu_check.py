@@ -1,4 +1,4 @@
-"""bench/gpu_check.py: the CPU dry run writes a complete report with finite numbers; without a GPU it stops with exit 2."""
+"""bench/gpu_check.py: the CPU dry run writes a whole report with finite numbers; without a GPU it exits 2."""
 from __future__ import annotations
 
 import json
