@@ -10,9 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .options import DEFAULT_POPULATION, RayOptions, StudyOptions
     from .population import PopulationResult, run_population
     from .results import SearchResult, TrialFailed, TrialRow
-    from .options import DEFAULT_POPULATION, RayOptions, StudyOptions
     from .sampler import RewardGuidedSampler
     from .search import PRUNERS, SAMPLERS, SearchError, run_search
     from .space import Fixed, Parameter, SearchSpace, SpaceError, builtin_spaces, load

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import optuna
 from optuna.samplers import BaseSampler
@@ -67,7 +68,8 @@ def _sqlite_file(path: str, heartbeat: bool) -> BaseStorage:
 
 
 STORAGE_KINDS: dict[str, Callable[[str, bool], BaseStorage]] = {
-    "journal": lambda target, heartbeat: _journal(target),  # journal:<path>: JournalFileBackend (NFS-friendly, no heartbeat)
+    # journal:<path>: JournalFileBackend (NFS-friendly, no heartbeat)
+    "journal": lambda target, heartbeat: _journal(target),
     "url": _rdb,             # any SQLAlchemy URL: RDB storage, with heartbeat + retry of stale trials
     "file": _sqlite_file,    # a plain path: a SQLite file there
 }
@@ -88,7 +90,8 @@ def make_storage(storage: str | BaseStorage | None, heartbeat: bool = True) -> B
         raise SearchError(f"storage {storage!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
-def baseline_params(space: SearchSpace, baselines: Sequence[str | MarginSpec] | str) -> list[tuple[str, dict[str, Any]]]:
+def baseline_params(space: SearchSpace,
+                    baselines: Sequence[str | MarginSpec] | str) -> list[tuple[str, dict[str, Any]]]:
     """(label, params) per baseline, duplicates (same params) dropped; "named" means every named loss in the space."""
     if isinstance(baselines, str):
         if baselines != "named":
@@ -131,7 +134,8 @@ def open_study(storage: str | BaseStorage | None, study_name: str, sampler: Base
         study = optuna.create_study(storage=built, study_name=study_name, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=resume)
     except optuna.exceptions.DuplicatedStudyError:
-        raise SearchError(f"study {study_name!r} already exists in {storage}; pass resume=True or a new study_name") from None
+        raise SearchError(f"study {study_name!r} already exists in {storage}; "
+                          "pass resume=True or a new study_name") from None
     return study, built
 
 
@@ -141,15 +145,17 @@ def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials already finished (they count towards n_trials on resume); a retried abandoned trial counts once, as its retry."""
+    """Trials already finished (they count towards n_trials on resume); a retried abandoned trial counts
+    once, as its retry."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.number not in retried)
-               for t in trials)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
 
 
 def retry_abandoned(study: optuna.Study, reason: str, max_retry: int = ABANDONED_RETRIES) -> list[int]:
-    """Fail every RUNNING trial (`fail_reason` = reason) and enqueue it again with its params, as a stale heartbeat would.
+    """Fail every RUNNING trial (`fail_reason` = reason) and enqueue it again with its params, as a stale
+    heartbeat would.
 
     Only for a coordinator that knows no worker of this study is running (a resumed campaign):
     the heartbeat's grace period would otherwise keep a killed trial RUNNING for minutes.
@@ -179,7 +185,7 @@ def record_failure(set_user_attr: Callable[[str, Any], None], reason: str) -> No
 
 
 
-# ---------------------------------------------------------------------------- population mode, shared with its Ray runner
+# ------------------------------------------------------------------ population mode, shared with its Ray runner
 PopulationObjective = Callable[[MarginSpec, Any], "tuple[float, Any]"]
 Outcome = tuple["float | None", Any, "str | None"]  # (reward, end state, None) or (None, None, fail reason)
 RoundRunner = Callable[[Sequence[MarginSpec], Any, int], Iterable[Outcome]]  # (specs, start state, round) → outcomes

@@ -1,4 +1,5 @@
-"""Grouped options of a search: where its study lives (`StudyOptions`) and how Ray runs it (`RayOptions`), and the search defaults.
+"""Grouped options of a search: where its study lives (`StudyOptions`) and how Ray runs it (`RayOptions`),
+and the search defaults.
 
 `run_search` and `run_population` take these instead of a long list of keywords; each backend
 reads only its own group (the Optuna backend never sees `RayOptions`). `DEFAULT_POPULATION` is the
@@ -7,8 +8,9 @@ campaign config.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from optuna.samplers import BaseSampler
@@ -39,7 +41,8 @@ class StudyOptions:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Ray Tune: the cluster address (None: a local Ray), per-trial resources, concurrency, where Tune writes results."""
+    """Ray Tune: the cluster address (None: a local Ray), per-trial resources, concurrency, where Tune writes
+    results."""
 
     address: str | None = None                                   # None, "auto", "host:6379" or "ray://host:10001"
     resources_per_trial: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
@@ -49,7 +52,8 @@ class RayOptions:
 
 @dataclass
 class SearchPlan:
-    """What every backend runs: the space, the objective, the built sampler, the trial count, pruner, study, baselines, callbacks."""
+    """What every backend runs: the space, the objective, the built sampler, the trial count, pruner, study,
+    baselines, callbacks."""
 
     space: SearchSpace
     objective: Objective

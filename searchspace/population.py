@@ -16,16 +16,16 @@ in order.
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 from optuna.trial import TrialState
 
 from marginsearch.losses import MarginSpec
 
-from ._study import (PRUNERS, PopulationObjective, RoundRunner, SearchError, enqueue_baselines, open_study,
-                     run_candidate)
+from ._study import PRUNERS, PopulationObjective, RoundRunner, SearchError, enqueue_baselines, open_study, run_candidate
 from .options import DEFAULT_POPULATION, RayOptions, StudyOptions
 from .results import FAIL_REASON, ROUND, SearchResult, TrialRow, row_of, rows_of, store_spec
 from .sampler import RewardGuidedSampler
@@ -40,11 +40,13 @@ def _in_process(objective: PopulationObjective, study_name: str, ray: RayOptions
     yield lambda specs, state, _round: (run_candidate(objective, spec, state) for spec in specs)
 
 
-def _ray_rounds(objective: PopulationObjective, study_name: str, ray: RayOptions) -> ContextManager[RoundRunner]:
+def _ray_rounds(objective: PopulationObjective, study_name: str,
+                ray: RayOptions) -> AbstractContextManager[RoundRunner]:
     return importlib.import_module("marginsearch.searchspace.ray_population").ray_rounds(objective, study_name, ray)
 
 
-POPULATION_BACKENDS: dict[str, Callable[[PopulationObjective, str, RayOptions], ContextManager[RoundRunner]]] = {
+POPULATION_BACKENDS: dict[str, Callable[[PopulationObjective, str, RayOptions],
+                                        AbstractContextManager[RoundRunner]]] = {
     "optuna": _in_process, "ray": _ray_rounds}
 
 
@@ -112,7 +114,7 @@ def run_population(space: SearchSpace | str, population_objective: PopulationObj
             done = [s for s in scored if s[0] is not None]
             rewards_per_round.append([s[0] for s in scored])
             if done:
-                _, state, best_row = max(done, key=lambda s: s[0])
+                _, state, best_row = max(done, key=lambda s: cast(float, s[0]))  # done: rewards not None
                 best_per_round.append(best_row)
             else:
                 best_per_round.append(None)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 from .environment import set_offline_defaults
 
@@ -39,7 +40,9 @@ STATE_FILE = "state.pt"  # the end state inside each trial's checkpoint director
 
 def _candidate_trainable(config: dict[str, Any], objective: PopulationObjective | None = None,
                          start_state: Any = None) -> None:
-    """One candidate in a Ray worker: train from the round's start state, report its reward and end state (checkpoint)."""
+    """One candidate in a Ray worker: train from the round's start state, report its reward and end state
+    (checkpoint)."""
+    objective = cast("PopulationObjective", objective)  # always given, by tune.with_parameters
     reward, end_state, reason = run_candidate(objective, MarginSpec.from_dict(config["spec"]), start_state)
     if reason is not None:
         tune.report({METRIC: -math.inf, FAIL_REASON: reason})
@@ -70,7 +73,9 @@ def ray_rounds(objective: PopulationObjective, study_name: str, ray_options: Ray
     """A round runner on Ray Tune for a whole population run (Ray started here unless running, and then shut down)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address=ray_options.address, include_dashboard=False, logging_level="WARNING")
+        # ray annotates logging_level as int; it hands it to Logger.setLevel, which takes a level name too
+        ray.init(address=ray_options.address, include_dashboard=False,
+                 logging_level="WARNING")  # type: ignore[arg-type]
     try:
         resources, concurrent = ray_resources(ray_options.resources_per_trial, ray_options.max_concurrent)
 
@@ -82,9 +87,11 @@ def ray_rounds(objective: PopulationObjective, study_name: str, ray_options: Ray
                 param_space={"candidate": tune.grid_search(list(range(len(specs)))),
                              "spec": tune.sample_from(lambda config: candidates[config["candidate"]]["spec"])},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
-                run_config=tune.RunConfig(name=f"{study_name}-round{round_index}", storage_path=ray_options.storage_path, verbose=0,
+                run_config=tune.RunConfig(name=f"{study_name}-round{round_index}",
+                                          storage_path=ray_options.storage_path, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
-            by_candidate = {result.config["candidate"]: result for result in tuner.fit()}
+            # ResultGrid iterates through __getitem__/__len__, which mypy does not count as iterable
+            by_candidate = {result.config["candidate"]: result for result in tuner.fit()}  # type: ignore[attr-defined]
             return [_outcome(by_candidate[i]) for i in range(len(specs))]
 
         yield run_round

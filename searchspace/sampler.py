@@ -1,4 +1,5 @@
-"""Reward-guided sampler: the REINFORCE policy of AM-LFS (arXiv 1905.07375) and Search-Softmax (arXiv 2007.06542) as an Optuna sampler.
+"""Reward-guided sampler: the REINFORCE policy of AM-LFS (arXiv 1905.07375) and Search-Softmax (arXiv 2007.06542)
+as an Optuna sampler.
 
 Policy. Each numeric parameter has a Gaussian N(μ, σ_k) in a normalised coordinate u ∈ [0, 1] of its
 range (of log(range) for log parameters); a draw z is clipped to [0, 1], mapped to native units
@@ -28,8 +29,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -44,6 +46,7 @@ __all__ = ["RewardGuidedSampler", "NORMALISERS", "DRAW_ATTR", "ROUND_ATTR"]
 DRAW_ATTR = "reward_guided:draw:"
 ROUND_ATTR = "reward_guided:round"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_Numeric = FloatDistribution | IntDistribution  # the distribution of every non-categorical parameter
 
 NORMALISERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "range": lambda R: 2.0 * (R - R.mean()) / (R.max() - R.min() + 1e-6),  # Search-Softmax official code
@@ -112,19 +115,23 @@ class _Policy:
 class RewardGuidedSampler(BaseSampler):
     """REINFORCE over a Gaussian / softmax policy per parameter, in rounds of `population` trials (see module doc)."""
 
-    def __init__(self, *, space: Any = None, population: int = DEFAULT_POPULATION, sigma: float = 0.2, sigma_decay: float = 1.0,
-                 sigma_min: float = 0.0, lr: float = 0.05, betas: tuple[float, float] = (0.5, 0.999),
+    def __init__(self, *, space: Any = None, population: int = DEFAULT_POPULATION, sigma: float = 0.2,
+                 sigma_decay: float = 1.0, sigma_min: float = 0.0, lr: float = 0.05,
+                 betas: tuple[float, float] = (0.5, 0.999),
                  normalise: str = "range", use_pruned: bool = False, seed: int | None = None) -> None:
         if population < 1:
             raise ValueError(f"population must be ≥ 1, got {population}")
         if sigma <= 0 or not 0 < sigma_decay <= 1 or sigma_min < 0:
-            raise ValueError(f"need sigma > 0, 0 < sigma_decay ≤ 1, sigma_min ≥ 0; got {sigma}, {sigma_decay}, {sigma_min}")
+            raise ValueError(f"need sigma > 0, 0 < sigma_decay ≤ 1, sigma_min ≥ 0; "
+                             f"got {sigma}, {sigma_decay}, {sigma_min}")
         if normalise not in NORMALISERS:
             raise ValueError(f"unknown normalise {normalise!r}; choose one of {', '.join(NORMALISERS)}")
         self._space = space
         self.population, self.sigma, self.sigma_decay, self.sigma_min = population, sigma, sigma_decay, sigma_min
-        self.lr, self.betas, self.normalise, self.use_pruned = lr, tuple(betas), normalise, use_pruned
-        self._seed = int(np.random.SeedSequence(seed).entropy % (2**32)) if seed is None else int(seed)
+        self.lr, self.normalise, self.use_pruned = lr, normalise, use_pruned
+        self.betas = cast("tuple[float, float]", tuple(betas))
+        # SeedSequence(None).entropy is a fresh int (numpy annotates the entropy a caller may pass)
+        self._seed = int(cast(int, np.random.SeedSequence(seed).entropy) % (2**32)) if seed is None else int(seed)
         self._cache: tuple[Any, _Policy] | None = None
 
     # ------------------------------------------------------------------ optuna interface
@@ -150,7 +157,7 @@ class RewardGuidedSampler(BaseSampler):
             return param_distribution.choices[index]
         z = float(rng.normal(policy.mu[param_name], self.sigma_at(k)))
         study._storage.set_trial_system_attr(trial._trial_id, DRAW_ATTR + param_name, z)
-        return from_unit(z, param_distribution)
+        return from_unit(z, cast(_Numeric, param_distribution))
 
     def reseed_rng(self) -> None:
         """Nothing to reseed: draws are seeded by trial number, so parallel copies never repeat each other."""
@@ -161,7 +168,8 @@ class RewardGuidedSampler(BaseSampler):
         return max(self.sigma_min, self.sigma * self.sigma_decay ** round_index)
 
     def policy(self, study: optuna.Study) -> dict[str, Any]:
-        """The policy after every round with finished trials: μ in native units, σ, categorical probabilities, rounds."""
+        """The policy after every round with finished trials: μ in native units, σ, categorical probabilities,
+        rounds."""
         return self._describe(self._policy_before(study, self._rounds_seen(study)))
 
     def trajectory(self, study: optuna.Study) -> list[dict[str, Any]]:
@@ -178,8 +186,9 @@ class RewardGuidedSampler(BaseSampler):
         return snapshots
 
     def _describe(self, policy: _Policy) -> dict[str, Any]:
-        mu = {n: from_unit(u, policy.dists[n]) for n, u in policy.mu.items()}
-        probs = {n: dict(zip(policy.dists[n].choices, map(float, policy.probs(n)))) for n in policy.logits}
+        mu = {n: from_unit(u, cast(_Numeric, policy.dists[n])) for n, u in policy.mu.items()}
+        probs = {n: dict(zip(cast(CategoricalDistribution, policy.dists[n]).choices, map(float, policy.probs(n))))
+                 for n in policy.logits}
         return {"rounds": policy.rounds, "sigma": self.sigma_at(policy.rounds), "mu": mu,
                 "mu_unit": dict(policy.mu), "probs": probs}
 
@@ -230,10 +239,11 @@ class RewardGuidedSampler(BaseSampler):
             return
         params = getattr(self._space, "parameters", {})
         default = params[name].default if name in params else None
-        policy.mu[name] = to_unit(default, dist) if default is not None else 0.5
+        policy.mu[name] = to_unit(default, cast(_Numeric, dist)) if default is not None else 0.5
         policy.adam[name] = _Adam(np.zeros(()), np.zeros(()))
 
-    def _rewards(self, trials: Sequence[FrozenTrial], direction: optuna.study.StudyDirection) -> list[tuple[FrozenTrial, float]]:
+    def _rewards(self, trials: Sequence[FrozenTrial],
+                 direction: optuna.study.StudyDirection) -> list[tuple[FrozenTrial, float]]:
         sign = 1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         scored: list[tuple[FrozenTrial, float | None]] = []
         for t in trials:

@@ -8,19 +8,33 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import optuna
 from optuna.samplers import BaseSampler
 
 from marginsearch.losses import MarginSpec
 
-from ._study import (ABANDONED_RETRIES, HEARTBEAT_S, PRUNERS, STORAGE_KINDS, SearchError, baseline_params,
-                     checked_reward, enqueue_baselines, finished_count, make_storage, open_study, record_failure,
-                     retried_numbers, retry_abandoned)
-from .optuna_backend import run_optuna
+from ._study import (
+    ABANDONED_RETRIES,
+    HEARTBEAT_S,
+    PRUNERS,
+    STORAGE_KINDS,
+    SearchError,
+    baseline_params,
+    checked_reward,
+    enqueue_baselines,
+    finished_count,
+    make_storage,
+    open_study,
+    record_failure,
+    retried_numbers,
+    retry_abandoned,
+)
 from .options import DEFAULT_POPULATION, RayOptions, SearchPlan, StudyOptions
+from .optuna_backend import run_optuna
 from .results import Objective, SearchResult, TrialRow
 from .sampler import RewardGuidedSampler
 from .space import SearchSpace, load

@@ -29,18 +29,19 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, cast
 
 import tomllib
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from marginsearch.losses import MarginSpec, SpecError, identify
+from marginsearch.losses.errors import MarginsearchError
 from marginsearch.losses.spec import SLOTS
 
 from .transforms import TRANSFORMS
-from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["SpaceError", "Parameter", "Fixed", "SearchSpace", "load", "builtin_spaces", "SPACES_DIR", "with_fields",
            "baseline_spec"]
@@ -61,7 +62,8 @@ def _holds(when: Condition, values: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Parameter:
-    """One searched parameter: its type and range (or choices), default, the spec field it sets and when it is active."""
+    """One searched parameter: its type and range (or choices), default, the spec field it sets and when it is
+    active."""
 
     name: str
     type: str
@@ -76,6 +78,11 @@ class Parameter:
     @property
     def log(self) -> bool:
         return self.type == "log-float"
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a numeric parameter (loading sets both for every non-categorical one)."""
+        return cast(float, self.low), cast(float, self.high)
 
     def distribution(self) -> BaseDistribution:
         """The Optuna distribution of this parameter."""
@@ -93,27 +100,27 @@ class Parameter:
             return False
         if self.type == "int" and value != int(value):
             return False
-        return self.low <= value <= self.high
+        return self.bounds[0] <= value <= self.bounds[1]
 
 
 DISTRIBUTIONS: dict[str, Callable[[Parameter], BaseDistribution]] = {
-    "float": lambda p: FloatDistribution(p.low, p.high),
-    "log-float": lambda p: FloatDistribution(p.low, p.high, log=True),
-    "int": lambda p: IntDistribution(int(p.low), int(p.high)),
+    "float": lambda p: FloatDistribution(*p.bounds),
+    "log-float": lambda p: FloatDistribution(*p.bounds, log=True),
+    "int": lambda p: IntDistribution(int(p.bounds[0]), int(p.bounds[1])),
     "categorical": lambda p: CategoricalDistribution(p.choices),
 }
 
 SUGGEST: dict[str, Callable[[Any, Parameter], Any]] = {
     "float": lambda trial, p: trial.suggest_float(name=p.name, low=p.low, high=p.high),
     "log-float": lambda trial, p: trial.suggest_float(name=p.name, low=p.low, high=p.high, log=True),
-    "int": lambda trial, p: trial.suggest_int(name=p.name, low=int(p.low), high=int(p.high)),
+    "int": lambda trial, p: trial.suggest_int(name=p.name, low=int(p.bounds[0]), high=int(p.bounds[1])),
     "categorical": lambda trial, p: trial.suggest_categorical(name=p.name, choices=list(p.choices)),
 }
 
 DEFAULTS: dict[str, Callable[[Parameter], Any]] = {  # the value used when a file gives no default
-    "float": lambda p: 0.5 * (p.low + p.high),
-    "log-float": lambda p: math.sqrt(p.low * p.high),
-    "int": lambda p: int(round(0.5 * (p.low + p.high))),
+    "float": lambda p: 0.5 * (p.bounds[0] + p.bounds[1]),
+    "log-float": lambda p: math.sqrt(p.bounds[0] * p.bounds[1]),
+    "int": lambda p: int(round(0.5 * (p.bounds[0] + p.bounds[1]))),
     "categorical": lambda p: p.choices[0],
 }
 
@@ -134,7 +141,7 @@ def _nest(fields: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     items: dict[tuple[str, str], dict[int, Any]] = {}
     for path, value in fields.items():
-        m = _PATH.fullmatch(path)
+        m = cast("re.Match[str]", _PATH.fullmatch(path))  # paths are checked before they get here
         slot, name, index = m["slot"], m["field"], m["index"]
         if name is None:
             out[slot] = value
@@ -151,7 +158,8 @@ def _nest(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def with_fields(spec: MarginSpec, fields: Mapping[str, Any]) -> MarginSpec:
-    """`spec` with some of its flat fields (the names `spec.flat()` prints: ``s``, ``target.m2_rad`` …) set; SpecError naming a bad one.
+    """`spec` with some of its flat fields (the names `spec.flat()` prints: ``s``, ``target.m2_rad`` …) set;
+    SpecError naming a bad one.
 
     The same names a space file's `sets` and `marginsearch train --set` use. A slot the spec does
     not have needs its ``<slot>.kind`` too (e.g. ``negative.kind = "negative"``).
@@ -193,7 +201,7 @@ _MISSING = object()
 
 def _lookup(spec_dict: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted path of `spec.to_dict()`, or _MISSING."""
-    m = _PATH.fullmatch(path)
+    m = cast("re.Match[str]", _PATH.fullmatch(path))  # a checked `sets` path
     value: Any = spec_dict.get(m["slot"], _MISSING)
     if m["field"] is not None:
         if not isinstance(value, Mapping):
@@ -274,7 +282,7 @@ class SearchSpace:
             lacking = [n for n in transform.needs if n not in fields]
             if lacking:
                 raise SpaceError(f"space {self.name!r}: transform {p.transform!r} of {p.name} needs {lacking} set")
-            fields[p.sets] = transform.forward(value, fields)
+            fields[cast(str, p.sets)] = transform.forward(value, fields)  # setting: sets is not None
         try:
             return MarginSpec.from_dict(_nest(fields))
         except SpecError as exc:
@@ -315,7 +323,8 @@ class SearchSpace:
         return x
 
     def params_of(self, spec: MarginSpec) -> dict[str, Any]:
-        """The params whose `to_spec` equals `spec` exactly; SpaceError naming the loss if the space cannot express it."""
+        """The params whose `to_spec` equals `spec` exactly; SpaceError naming the loss if the space cannot
+        express it."""
         spec_dict = spec.to_dict()
         best: tuple[int, str] = (10**9, "no branch of the space matches")
         for branch in self._branches():
@@ -323,7 +332,7 @@ class SearchSpace:
             for p in self.active(branch):
                 if p.type == "categorical":
                     continue
-                value = _lookup(spec_dict, p.sets)
+                value = _lookup(spec_dict, cast(str, p.sets))  # a numeric parameter always sets a field
                 if value is _MISSING or value is None:
                     problems.append(f"{p.sets} is not part of the spec")
                     continue
@@ -349,7 +358,8 @@ class SearchSpace:
         raise SpaceError(f"space {self.name!r} cannot express {label}: {best[1]}")
 
     def searched_fields(self, spec: MarginSpec, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The spec fields that the active parameters of `params` set, by their flat names (``target.m2_rad``, ``modulation.a[0]``)."""
+        """The spec fields that the active parameters of `params` set, by their flat names (``target.m2_rad``,
+        ``modulation.a[0]``)."""
         spec_dict = spec.to_dict()
         values = {p.sets: _lookup(spec_dict, p.sets) for p in self.active(params) if p.sets is not None}
         return {path: value for path, value in values.items() if value is not _MISSING}
@@ -429,7 +439,7 @@ def _load_file(path: Path, loading: tuple[Path, ...]) -> SearchSpace:
     return space
 
 
-def _expect(ok: bool, where: str, key: str, message: str) -> None:
+def _expect(ok: object, where: str, key: str, message: str) -> None:
     if not ok:
         raise SpaceError(f"{where}: {key}: {message}")
 
@@ -448,7 +458,7 @@ def _list(value: Any, where: str, key: str) -> list[Any]:
 def _check_path(path: Any, where: str, key: str) -> None:
     _expect(isinstance(path, str) and _PATH.fullmatch(path) is not None, where, key,
             f"{path!r} is not a spec field path like 'target.m2_rad' or 'modulation.a[0]'")
-    m = _PATH.fullmatch(path)
+    m = cast("re.Match[str]", _PATH.fullmatch(path))  # the _expect above
     slot, name = m["slot"], m["field"]
     if name is None:
         _expect(slot in ("s", "learnable_scale"), where, key, f"{path!r}: unknown spec field")

@@ -8,8 +8,9 @@ arXiv 2007.06542, official code) searches x ≥ 0 and uses a = −x·e^{s/3} (gl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["Transform", "TRANSFORMS"]
 
