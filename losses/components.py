@@ -101,6 +101,9 @@ class Component:
     def __init__(self, p: Any) -> None:
         self.p = p
 
+    def validate(self, where: str) -> None:
+        """Check a registered component's own fields (raise SpecError naming f"{where}.field"); none by default."""
+
     def register(self, head: nn.Module, num_classes: int, embedding_size: int) -> None:
         """Register this component's buffers on `head`."""
 

@@ -74,3 +74,11 @@ def test_a_new_component_is_one_class_and_one_named_row(monkeypatch):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and head(x, y) < loss
+
+    @K.register_component("sample_margin")
+    @dataclass(frozen=True)
+    class Bare(K.Component):   # no validate: the base's accepts every value
+        kind: ClassVar[str] = "bare"
+        k: float = 0.0
+
+    assert MarginSpec(target=AngularMargin(), sample_margin=Bare(k=0.1)).sample_margin.k == 0.1
