@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - t0) / 60
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    figures.search_history(result.search.rows, f"demo campaign {result.key}").savefig(docs / "demo_search_history.png", dpi=110)
+    figures.search_history(result.search.rows, f"demo campaign {result.key}").savefig(
+        docs / "demo_search_history.png", dpi=110)
     best = max(result.promoted, key=lambda p: p.metrics.get(result.gate_metric, -1.0))
     curves = {f"champion candidate ({best.label})": best.spec, "arcface": named("arcface"), "cosface": named("cosface")}
     plot_target_logits(curves, docs / "demo_champion_curve.png")

@@ -30,8 +30,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,8 @@ def _status_mib(key: str) -> float:
 
 
 def clear_grads(run: Callable[[], None]) -> None:
-    """Drop the gradients a column's parameters hold, so each call starts from none (as after zero_grad(set_to_none))."""
+    """Drop the gradients a column's parameters hold, so each call starts from none (as after
+    zero_grad(set_to_none))."""
     for p in run.params:  # type: ignore[attr-defined]
         p.grad = None
 
@@ -168,13 +169,15 @@ def median_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
 
 def table_rows(columns: dict[str, Callable[[], None]], times: dict[str, list[float]],
                memory: dict[str, float]) -> list[str]:
-    """One markdown row per column: ms, × linear + CE, × the same point in full mode, insightface-style ÷ this, peak MiB."""
+    """One markdown row per column: ms, × linear + CE, × the same point in full mode, insightface-style ÷ this,
+    peak MiB."""
     reference = "insightface-style arcface"
     rows = []
     for name, run in columns.items():
         full = getattr(run, "full_mode", None)
         vs_full = f"{median_ratio(times, name, full):.2f}" if full in times else ""
-        faster = f"{median_ratio(times, reference, name):.1f}" if reference in times and name not in ("linear + CE", reference) else ""
+        faster = (f"{median_ratio(times, reference, name):.1f}"
+                  if reference in times and name not in ("linear + CE", reference) else "")
         rows.append(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
                     f"{median_ratio(times, name, 'linear + CE'):.2f} | {vs_full} | {faster} | {memory[name]:.0f} |")
     return rows
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial", nargs="*", default=["arcface"])
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--no-reference", action="store_true",
-                        help="leave out the insightface-style and PML columns (their 10 GB at C = 1M change the other columns' memory state)")
+                        help="leave out the insightface-style and PML columns "
+                             "(their 10 GB at C = 1M change the other columns' memory state)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
@@ -209,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = (f"torch {torch.__version__}, {device.type}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                  f", {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"))
+                  f", {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+                  f"{platform.processor() or platform.machine()}"))
     memory_kind = ("CUDA max_memory_allocated rise" if device.type == "cuda"
                    else "rise of the peak resident set (VmHWM) over the step, W.grad included")
     lines = ["# Head speed: forward + backward", "",
-             f"Command: `.venv/bin/python bench/head_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+             (f"Command: `.venv/bin/python bench/head_speed.py "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`").rstrip(),
              "", f"Machine: {machine}. D = {args.dim}; median of {args.rounds} interleaved rounds after "
              f"{args.warmup} warm-up; a ratio is the median of per-round ratios: × linear + CE (the floor), × full "
              f"mode (a chunked or Partial FC column against the same point without the option) and "

@@ -20,8 +20,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna  # noqa: E402
 import torch  # noqa: E402

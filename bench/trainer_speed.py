@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"torch {torch.__version__}, cpu, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
                f"{platform.processor() or platform.machine()}")
     lines = ["# Trainer speed: images/s over one epoch", "",
-             f"Command: `.venv/bin/python bench/trainer_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+             (f"Command: `.venv/bin/python bench/trainer_speed.py "
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`").rstrip(),
              "", f"Machine: {machine}. Data {args.source} ({len(data.labels)} training images, {data.num_classes} "
              f"identities), backbone tiny, batch {budget.batch_size}, loss {args.loss}; median of {args.runs} "
              "alternating runs.", "",
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     judged = statistics.median(judge_seconds(data, budget) for _ in range(args.runs))
     epoch = len(data.labels) / statistics.median(rates["trainer (trainers.train.train)"])
     n_val = len(data.val.labels)
-    lines += ["", f"Judging the validation split after an epoch ({n_val} images, all {n_val * (n_val - 1) // 2:,} pairs "
+    lines += ["", f"Judging the validation split after an epoch ({n_val} images, "
+              f"all {n_val * (n_val - 1) // 2:,} pairs "
               f"for TAR@FAR and AUC, {budget.eval_pairs} + {budget.eval_pairs} pairs for the 10-fold accuracy) takes "
               f"{judged:.2f} s (median of {args.runs}), {100 * judged / (judged + epoch):.0f} % of a proxy epoch "
               f"({epoch:.2f} s of training)."]

@@ -14,9 +14,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import nn  # noqa: E402
 
@@ -29,13 +30,14 @@ __all__ = ["Mode", "mode_for", "study_parser", "mean_std", "fmt", "table", "summ
 # demo: the whole study in about two hours on 2 cores; bench (4× the identities at 48×48, ~13× the
 # compute per epoch) would take about a day, so it is a --preset away for those with more cores
 DEFAULT_PRESET = "demo"
-TEST_PAIRS = 3000            # positive and negative pairs each for the 10-fold test accuracy (as a campaign's promotion)
+TEST_PAIRS = 3000            # positive and negative pairs each for the 10-fold test accuracy (as a campaign's
+                             # promotion)
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 # tiny has too few negative test pairs for TAR@FAR=1e-3 (it is NaN there): reduced runs rank by AUC
 REDUCED_BUDGET = {"batch_size": 32, "embedding_size": 32, "eval_pairs": 200, "reward_metric": "auc"}
-FULL_BUDGET = {"eval_pairs": 6000}
-STUDY_FULL_EPOCHS = 12       # the studies' full budget (the recorded runs used 12; a campaign's full budget is 10)   # twice the default validation pairs: a quieter reward (issue item 2)
+FULL_BUDGET = {"eval_pairs": 6000}  # twice the default validation pairs: a quieter reward (issue item 2)
+STUDY_FULL_EPOCHS = 12       # the studies' full budget (the recorded runs used 12; a campaign's full budget is 10)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ def mode_for(args: argparse.Namespace) -> Mode:
 
 def study_parser(doc: str, study: str) -> argparse.ArgumentParser:
     """The options every study shares: --reduced, --seeds, --out, --preset, --epochs, --mlflow."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary = " ".join(doc.split("\n\n")[0].split())  # the docstring's first paragraph, on one line
+    p = argparse.ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reduced", action="store_true", help="tiny preset, 1-2 epochs, few specs (CI; seconds)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2; reduced: 0)")
     p.add_argument("--out", default=str(RESULTS_ROOT / study), help="results folder")
@@ -186,7 +189,8 @@ class StudyOutput:
         blob = {"study": self.study, "command": self.command, "args": dict(self.args), "seconds": seconds,
                 "runs": list(runs), **(extra or {})}
         (self.out / "runs.json").write_text(json.dumps(blob, indent=1, default=_jsonable))
-        print(f"wrote {self.out}/results.md, runs.json and {len(self.figures)} figure(s) in {seconds:.0f} s", flush=True)
+        print(f"wrote {self.out}/results.md, runs.json and {len(self.figures)} figure(s) in {seconds:.0f} s",
+              flush=True)
         return self.out
 
 
@@ -209,8 +213,8 @@ def log_runs_to_mlflow(uri: str, experiment: str, runs: Sequence[Mapping[str, An
     exp_id = found.experiment_id if found else client.create_experiment(experiment)
     for run in runs:
         created = client.create_run(exp_id, run_name=name(run), tags={"marginsearch.study": experiment})
-        params = [mlflow.entities.Param(_metric_name(k), str(v)[:500]) for k, v in run.items() if not isinstance(v, (int, float))
-                  or isinstance(v, bool)]
+        params = [mlflow.entities.Param(_metric_name(k), str(v)[:500]) for k, v in run.items()
+                  if not isinstance(v, (int, float)) or isinstance(v, bool)]
         now = int(time.time() * 1000)
         metrics = [mlflow.entities.Metric(_metric_name(k), float(v), now, 0) for k, v in run.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]

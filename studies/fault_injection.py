@@ -67,7 +67,8 @@ def main() -> None:
                     code, last = _killed_after(argv, workdir, n)
                 else:
                     done = run_cli(argv, workdir, f"{phase}:{n}")
-                    code, last = done.returncode, ([l for l in done.stdout.splitlines() if l.strip()] or [""])[-1].strip()
+                    lines = [line for line in done.stdout.splitlines() if line.strip()]
+                    code, last = done.returncode, (lines or [""])[-1].strip()
                 outcome = "killed" if code == -signal.SIGKILL else f"exit {code}"
                 kills += code == -signal.SIGKILL
                 rows.append((c, f"{phase}:{n}", outcome, last[:70]))

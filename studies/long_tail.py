@@ -1,4 +1,5 @@
-"""Study 4, long tail and hard samples: the benchmark's knobs turned up; which losses hold up (Range loss, KappaFace, DDL claims)?
+"""Study 4, long tail and hard samples: the benchmark's knobs turned up; which losses hold up (Range loss,
+KappaFace, DDL claims)?
 
     python -m studies.long_tail                          # demo preset, tail_exponent 4, hard_fraction 0.3, seeds 0 1 2
     python -m studies.long_tail --preset demo --tail-exponent 3 --hard-fraction 0.2
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"TAR@1e-3 {runs[-1]['tar@far=1e-3']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     out.add(f"Test identities of `{mode.preset}` with tail_exponent {args.tail_exponent}, hard_fraction "
             f"{args.hard_fraction} ({len(bench.train)} training images, {int((counts <= counts.median()).sum())} "
-            f"identities at or below the median count {int(counts.median())}), full budget ({mode.full.epochs} epochs), "
+            f"identities at or below the median count {int(counts.median())}), "
+            f"full budget ({mode.full.epochs} epochs), "
             f"seeds {', '.join(map(str, mode.seeds))}",
             summarise(runs, "variant", METRICS, order=args.variants))
     out.figure("long_tail", _figure(runs, args.variants))

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="optuna", choices=("optuna", "ray"), help="candidates in this process or as Ray Tune trials")
+    p.add_argument("--backend", default="optuna", choices=("optuna", "ray"),
+                   help="candidates in this process or as Ray Tune trials")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.perf_counter()

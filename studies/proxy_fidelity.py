@@ -1,6 +1,8 @@
-"""Study 3, proxy fidelity: does the proxy reward rank specs of the `unified` space as the full budget's TEST metric does, and which proxy is enough?
+"""Study 3, proxy fidelity: does the proxy reward rank specs of the `unified` space as the full budget's TEST
+metric does, and which proxy is enough?
 
-    python -m studies.proxy_fidelity                    # demo preset, 12 specs, seeds 0 1, proxies 1 2 4 (epochs, all identities)
+    python -m studies.proxy_fidelity                    # demo preset, 12 specs, seeds 0 1, proxies 1 2 4
+                                                        # (epochs, all identities)
     python -m studies.proxy_fidelity --proxies 1x250 2x250 2  # proxies on the first 250 identities too
     python -m studies.proxy_fidelity --reduced          # tiny preset, 3 specs, proxies of 1 and 2 epochs (CI)
 
@@ -55,7 +57,8 @@ def parse_proxy(text: str) -> tuple[int, int]:
 
 
 def specs_for(count: int, seed: int) -> list[tuple[dict[str, Any], Any]]:
-    """(params, spec): named losses of study 1 that the space holds (two thirds at most), then random draws; `count` in all."""
+    """(params, spec): named losses of study 1 that the space holds (two thirds at most), then random draws;
+    `count` in all."""
     import optuna
 
     from marginsearch.searchspace import load
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             full = train(spec, data, budget_from(mode.full, seed=seed))
             target = test_metrics(full.model, bench, seed).get(mode.metric, math.nan) if full.status == "complete" \
                 else math.nan
-            run = {"spec_index": i, "seed": seed, "named": identify(spec) or "", "component": params.get("component", ""),
+            run = {"spec_index": i, "seed": seed, "named": identify(spec) or "",
+                   "component": params.get("component", ""),
                    "params": params, "spec": spec.to_dict(), "target": target, "full (val)": full.reward}
             for (epochs, ids), label in zip(proxies, labels):
                 proxy = train(spec, data, budget_from(mode.proxy, epochs=epochs, identities=ids or None, seed=seed))

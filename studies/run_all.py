@@ -1,6 +1,7 @@
 """All four studies with one command: named baselines, does the search pay, proxy fidelity, long tail.
 
-    python -m studies.run_all                        # demo preset, seeds 0 1 2 (about 2.7 h on 2 cores, measured per study)
+    python -m studies.run_all                        # demo preset, seeds 0 1 2
+                                                     # (about 2.7 h on 2 cores, measured per study)
     python -m studies.run_all --preset bench         # the larger bench preset (about a day on 2 cores, estimated)
     python -m studies.run_all --reduced              # tiny preset, seed 0, 1-2 epochs (CI; about a minute)
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = Path(args.out).resolve()
     shared = [*(["--reduced"] if args.reduced else []), *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
-              *(["--preset", args.preset] if args.preset else []), *(["--epochs", str(args.epochs)] if args.epochs else []),
+              *(["--preset", args.preset] if args.preset else []),
+              *(["--epochs", str(args.epochs)] if args.epochs else []),
               "--mlflow", f"sqlite:///{root / 'mlflow.db'}"]
     t0 = time.perf_counter()
     for name in args.only:

@@ -1,4 +1,5 @@
-"""Study 2, does the search pay: searches of one space at equal proxy compute, the best candidates promoted, against the best named loss.
+"""Study 2, does the search pay: searches of one space at equal proxy compute, the best candidates promoted,
+against the best named loss.
 
     python -m studies.search_pays                      # demo preset, margin space, search seeds 0 1 2
     python -m studies.search_pays --space unified      # the union of all components (16 trials are too few for it)
@@ -67,7 +68,8 @@ def _budget_assignments(name: str, budget: Any) -> dict[str, Any]:
 
 
 def retrain(spec: Any, seed: int, mode: Any) -> dict[str, Any]:
-    """`spec` trained from scratch on the full budget with `seed`; its test metrics and full-budget validation reward."""
+    """`spec` trained from scratch on the full budget with `seed`; its test metrics and full-budget validation
+    reward."""
     from marginsearch.trainers.budget import budget_from
     from marginsearch.trainers.data.synthetic import load_synthetic
     from marginsearch.trainers.objective import data_for
@@ -79,13 +81,15 @@ def retrain(spec: Any, seed: int, mode: Any) -> dict[str, Any]:
 
 
 def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
-    """One (sampler, seed) campaign: search on the proxy, promote the top specs, pick by full-budget validation, retrain; its record."""
+    """One (sampler, seed) campaign: search on the proxy, promote the top specs, pick by full-budget validation,
+    retrain; its record."""
     from marginsearch.trainers.budget import budget_from
     from marginsearch.trainers.campaign import run_campaign
     from marginsearch.trainers.config import load_config, override
 
     config = override(load_config(), {
-        "campaign.name": f"search-pays-{method}-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"), "campaign.seed": seed,
+        "campaign.name": f"search-pays-{method}-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"),
+        "campaign.seed": seed,
         "campaign.workdir": str(Path(args.out).resolve() / "work"), "data.train": mode.source,
         "search.space": args.space, "search.sampler": method, "search.pruner": "none", "search.trials": args.trials,
         "search.population": args.population, "search.baselines": [],
@@ -100,7 +104,8 @@ def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> d
     history = [(r.number, r.reward) for r in result.search.rows]
     return {"method": method, "seed": seed, "campaign": result.key, "spec": best.spec.to_dict(), "named": best.named,
             "proxy_reward": best.proxy_reward, "promoted_run_id": best.run_id,
-            "promoted": [{"s": p.spec.s, "proxy_reward": p.proxy_reward, "full_val_reward": p.metrics.get("full/val_reward"),
+            "promoted": [{"s": p.spec.s, "proxy_reward": p.proxy_reward,
+                          "full_val_reward": p.metrics.get("full/val_reward"),
                           "selection_test": p.metrics.get(f"test/{mode.metric}")} for p in result.promoted],
             **retrain(best.spec, seed, mode),
             "history": [[(i + 1) * args.proxy_epochs, r] for i, (_, r) in enumerate(history)]}
@@ -111,7 +116,8 @@ def _finite(value: float | None) -> float:
 
 
 def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
-    """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on the full budget."""
+    """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on
+    the full budget."""
     from marginsearch.losses import identify
     from marginsearch.searchspace.options import StudyOptions
     from marginsearch.searchspace.population import run_population
@@ -135,7 +141,8 @@ def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, An
 
 
 def scale_ablation(runs: list[dict], base_name: str, mode: Any, log: Any) -> tuple[list[dict], float]:
-    """The best named loss retrained at the searched champions' median scale s, on the study's seeds: the scale's share of the gain."""
+    """The best named loss retrained at the searched champions' median scale s, on the study's seeds: the scale's
+    share of the gain."""
     import statistics
 
     from marginsearch.losses import named
@@ -152,7 +159,8 @@ def baseline_runs(args: Any, mode: Any) -> tuple[list[dict], str]:
     path = Path(args.named_results) if args.named_results else Path(args.out).parent / "named_baselines" / "runs.json"
     if path.is_file():
         blob = json.loads(path.read_text())
-        if (blob.get("preset"), blob.get("full_epochs"), blob.get("reduced")) == (mode.preset, mode.full.epochs, mode.reduced):
+        if (blob.get("preset"), blob.get("full_epochs"),
+                blob.get("reduced")) == (mode.preset, mode.full.epochs, mode.reduced):
             return blob["runs"], f"study 1 ({path})"
         print(f"{path} was run with another preset or budget: training the baselines here", flush=True)
     return train_named(tuple(args.baselines), mode), "trained here"
@@ -214,7 +222,8 @@ def _spec_text(spec: dict) -> str:
 
 
 def verdict(runs: list[dict], base: list[dict], base_name: str, methods: list[str], metric: str) -> str:
-    """Per method: the champion's mean gap to the best named loss on `metric`, and whether it exceeds the seed spread."""
+    """Per method: the champion's mean gap to the best named loss on `metric`, and whether it exceeds the seed
+    spread."""
     b = [r[metric] for r in base if r["loss"] == base_name]
     lines = []
     for method in methods:
@@ -230,12 +239,15 @@ def verdict(runs: list[dict], base: list[dict], base_name: str, methods: list[st
 def main(argv: list[str] | None = None) -> int:
     p = study_parser(__doc__, "search_pays")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--space", default="margin", help="built-in search space (default margin; e.g. unified, search-softmax)")
-    p.add_argument("--trials", type=int, default=None, help="trials per independent-mode search (default 16; reduced 2)")
+    p.add_argument("--space", default="margin",
+                   help="built-in search space (default margin; e.g. unified, search-softmax)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials per independent-mode search (default 16; reduced 2)")
     p.add_argument("--proxy-epochs", type=int, default=None, help="epochs per proxy trial (default 2; reduced 1)")
     p.add_argument("--population", type=int, default=None, help="candidates per policy round (default 8; reduced 2)")
-    p.add_argument("--promote", type=int, default=None, help="top specs per campaign trained on the full budget, the best "
-                                                             "on validation kept (default 3; reduced 2)")
+    p.add_argument("--promote", type=int, default=None,
+                   help="top specs per campaign trained on the full budget, the best "
+                        "on validation kept (default 3; reduced 2)")
     p.add_argument("--no-scale-ablation", dest="scale_ablation", action="store_false",
                    help="skip retraining the best named loss at the champions' median scale")
     p.add_argument("--baselines", nargs="+", default=["arcface", "cosface"],
@@ -268,15 +280,17 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{**r, "row": r["loss"]} for r in ablation]
         order.append(ablation[0]["loss"])
     total = args.trials * args.proxy_epochs
-    out.add(f"Champion of each search of the `{args.space}` space on the test identities of `{mode.preset}` (mean ± std over search seeds "
-            f"{', '.join(map(str, mode.seeds))}; {total} proxy epochs per search, full budget {mode.full.epochs} epochs)",
+    out.add(f"Champion of each search of the `{args.space}` space on the test identities of `{mode.preset}` "
+            f"(mean ± std over search seeds {', '.join(map(str, mode.seeds))}; {total} proxy epochs per search, "
+            f"full budget {mode.full.epochs} epochs)",
             summarise(rows, "row", {"proxy reward": "proxy_reward", "full-budget val": "full_val_reward", **METRICS},
                       order=order))
     out.add(f"Against the best named loss ({base_name}, from {where}) on test {mode.metric}",
             verdict(runs, base, base_name, args.methods, mode.metric))
     if ablation:
         out.add(f"Is it the scale? {base_name} retrained at the champions' median s = {s:.3g}",
-                verdict([{**r, "method": r["loss"]} for r in ablation], base, base_name, [ablation[0]["loss"]], mode.metric)
+                verdict([{**r, "method": r["loss"]} for r in ablation], base, base_name, [ablation[0]["loss"]],
+                        mode.metric)
                 + "\n" + verdict(runs, ablation, ablation[0]["loss"], args.methods, mode.metric))
     out.add("Champions per search (chosen by full-budget validation reward, retrained with the study seed)",
             _champion_table(runs, mode.metric))
