@@ -1,4 +1,5 @@
-"""The layout's rules, checked on the source: no import cycles, dependencies point one way, losses needs only torch and numpy.
+"""The layout's rules, checked on the source: no import cycles, dependencies point one way, losses needs only
+torch and numpy.
 
 Every import counts, also those inside functions (a lazy import hides a cycle, it does not remove
 it); imports under `if TYPE_CHECKING:` do not run and are left out.
@@ -131,7 +132,8 @@ def test_dependencies_point_one_way():
 
 
 def test_losses_imports_nothing_but_torch_numpy_and_the_standard_library():
-    allowed = {"torch", "numpy", "marginsearch", "matplotlib"}  # matplotlib: only `python -m marginsearch.losses --plot`
+    # matplotlib: only `python -m marginsearch.losses --plot`
+    allowed = {"torch", "numpy", "marginsearch", "matplotlib"}
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     third_party = {target.split(".")[0] for name, targets in GRAPH.items() if name.startswith("marginsearch.losses")
                    for target in targets} - stdlib

@@ -51,7 +51,8 @@ def _png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Bad files of every kind, a valid model bundle to evaluate with, and marker paths a hidden command would create."""
+    """Bad files of every kind, a valid model bundle to evaluate with, and marker paths a hidden command would
+    create."""
     from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
     from marginsearch.trainers.data import write_record_file
     from marginsearch.trainers.export import save_bundle
@@ -162,7 +163,8 @@ OTHER_CASES = [
     (["train", "--loss", "arcface", "--set", "q=1"], "q"),
     (lambda f: ["train", "--spec", str(f["dir"] / "spec.json")], "not JSON"),
     (lambda f: ["train", "--spec", str(f["dir"] / "spec_kind.json")], "unknown kind 'hyperbolic'"),
-    (lambda f: ["train", "--loss", "arcface", "--data", f"imagefolder:{f['dir'] / 'no_images'}"], "identity folder holds no"),
+    (lambda f: ["train", "--loss", "arcface", "--data", f"imagefolder:{f['dir'] / 'no_images'}"],
+     "identity folder holds no"),
     (lambda f: ["train", "--loss", "arcface", "--data", f"recordio:{f['dir'] / 'badidx' / 'train.rec'}"],
      "line 2 is not 'key<TAB>offset'"),
     (lambda f: ["train", "--loss", "arcface", "--data", f"recordio:{f['dir'] / 'magic' / 'train.rec'}"], "bad magic"),
@@ -173,12 +175,14 @@ OTHER_CASES = [
     (lambda f: ["train", "--loss", "arcface", *TINY_TRAIN, "--checkpoint", str(f["dir"] / "other.pt"),
                 "--out", str(f["dir"] / "out")], "checkpoint belongs to another spec or budget"),
     (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"bin:{f['dir'] / 'evil.bin'}"], "evil.bin"),
-    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"bin:{f['dir'] / 'truncated.bin'}"], "truncated.bin"),
+    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"bin:{f['dir'] / 'truncated.bin'}"],
+     "truncated.bin"),
     (lambda f: ["evaluate", "--model", str(f["dir"] / "evil_model.pt"), "--data", "synthetic:tiny"],
      "neither a marginsearch model bundle nor a TorchScript export"),
     (lambda f: ["evaluate", "--model", "models:/marginsearch-demo@champion", "--data", "synthetic:tiny",
                 "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"], "is unreachable"),
-    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"pairs:{f['dir'] / 'pairs.txt'}@{f['dir']}"], "pairs.txt"),
+    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"pairs:{f['dir'] / 'pairs.txt'}@{f['dir']}"],
+     "pairs.txt"),
     (["export", "--model", "/nonexistent/model.pt", "--out", "m.ts"], "model /nonexistent/model.pt does not exist"),
 ]
 
@@ -222,8 +226,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(case, message, files
 def test_in_a_fresh_process_stderr_is_the_one_line_and_no_traceback(case, message, files, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MARGINSEARCH_CACHE": str(tmp_path / "cache"),
            "MLFLOW_DISABLE_TELEMETRY": "true"}
-    done = subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *_argv(case, files)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *_argv(case, files)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr and "Traceback" not in done.stderr
     assert not any(files[k].exists() for k in ("bin_marker", "pt_marker", "model_marker"))

@@ -1,4 +1,5 @@
-"""The wheel as a user installs it: package data inside, one `marginsearch` namespace, a campaign from an empty directory.
+"""The wheel as a user installs it: package data inside, one `marginsearch` namespace, a campaign from an empty
+directory.
 
 The wheel is built from this checkout without build isolation (no download) and installed with
 `pip install --no-deps --target`; its dependencies come from the running environment's

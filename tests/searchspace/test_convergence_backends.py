@@ -1,4 +1,5 @@
-"""The reward-guided sampler's mean converges to a known optimum through `run_search`, in the Optuna and the Ray backend."""
+"""The reward-guided sampler's mean converges to a known optimum through `run_search`, in the Optuna and the Ray
+backend."""
 from __future__ import annotations
 
 import os

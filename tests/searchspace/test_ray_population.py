@@ -1,4 +1,5 @@
-"""Population mode on Ray Tune: the in-process rounds, draws and lineage; failures recorded; a real state round-trips."""
+"""Population mode on Ray Tune: the in-process rounds, draws and lineage; failures recorded; a real state
+round-trips."""
 from __future__ import annotations
 
 import math
@@ -47,7 +48,8 @@ def test_ray_rounds_match_the_in_process_rounds(tmp_path, ray_cluster):
     kw = dict(rounds=rounds, population=population, baselines=["cosface"], seed=0)
     local = run_population("margin", lineage_objective, **kw)
     seen = []
-    remote = run_population("margin", lineage_objective, backend="ray", ray=RayOptions(storage_path=str(tmp_path / "ray")),
+    remote = run_population("margin", lineage_objective, backend="ray",
+                            ray=RayOptions(storage_path=str(tmp_path / "ray")),
                             study=StudyOptions(name="pop-ray"), callbacks=[seen.append], **kw)
     assert remote.backend == "ray-population"
     assert [r.round for r in remote.rows] == [k for k in range(rounds) for _ in range(population)]

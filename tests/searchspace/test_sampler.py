@@ -1,4 +1,5 @@
-"""RewardGuidedSampler: converges on synthetic objectives, moves from its start, right gradient sign, resumes from storage."""
+"""RewardGuidedSampler: converges on synthetic objectives, moves from its start, right gradient sign, resumes from
+storage."""
 from __future__ import annotations
 
 import numpy as np

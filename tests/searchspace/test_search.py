@@ -1,4 +1,5 @@
-"""run_search (Optuna backend) on a synthetic objective: result table, baselines, failures, pruning, resume, callbacks, tables."""
+"""run_search (Optuna backend) on a synthetic objective: result table, baselines, failures, pruning, resume,
+callbacks, tables."""
 from __future__ import annotations
 
 import math
@@ -68,13 +69,15 @@ def test_resume_tops_up_and_never_duplicates_baselines(tmp_path):
     result = run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r"), baselines="named")
     assert [r.number for r in result.rows] == list(range(8))
     assert [r.baseline for r in result.rows].count("arcface") == 1
-    assert sorted(r.baseline for r in result.rows if r.baseline) == ["arcface", "cosface", "normface"]  # combined (no guard, as insightface) is not in it
+    # combined (no guard, as insightface) is not in it
+    assert sorted(r.baseline for r in result.rows if r.baseline) == ["arcface", "cosface", "normface"]
     with pytest.raises(SearchError, match="already exists"):
         run_search("margin", toy, n_trials=8, study=StudyOptions(storage, "r", resume=False))
 
 
 def test_journal_storage_and_grid_named(tmp_path):
-    result = run_search("mv", toy, sampler="grid-named", n_trials=50, study=StudyOptions(f"journal:{tmp_path}/j.log", "g"))
+    result = run_search("mv", toy, sampler="grid-named", n_trials=50,
+                        study=StudyOptions(f"journal:{tmp_path}/j.log", "g"))
     assert [r.named for r in result.rows] == ["mv-am", "mv-arc"]  # sv-am, sv-arc are the same points
     assert (tmp_path / "j.log").exists()
 

@@ -13,7 +13,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # Which named losses (at their defaults) each built-in space must hold: written out, not derived.
 MEMBERS = {
-    "margin": {"normface", "cosface", "arcface"},  # combined has no guard at its defaults (insightface); the space has one
+    # combined has no guard at its defaults (insightface); the space has one
+    "margin": {"normface", "cosface", "arcface"},
     "search-softmax": {"search-softmax"},
     "am-lfs": {"am-lfs"},
     "mv": {"mv-am", "mv-arc", "sv-am", "sv-arc"},
@@ -68,7 +69,8 @@ def test_search_softmax_transform_and_local_bins():
     assert spec.modulation.a == tuple(-(i / 10) * math.exp(16.0) for i in range(10))
     assert space.params_of(spec) == local
     x = 0.123456789  # inverse transform is exact up to rounding, nudged back to the same spec
-    assert space.to_spec(space.params_of(space.to_spec({"mode": "global", "x": x}))) == space.to_spec({"mode": "global", "x": x})
+    assert (space.to_spec(space.params_of(space.to_spec({"mode": "global", "x": x})))
+            == space.to_spec({"mode": "global", "x": x}))
 
 
 def _suggested(space_name, seed=0):
@@ -145,7 +147,8 @@ def test_user_space_file_with_int_and_log_parameters(tmp_path):
     (lambda t: t.replace('sets = "target.m"', 'sets = "target.mm"'), r"param\[0\] \(m\)\: sets: 'target.mm'"),
     (lambda t: t.replace("default = 4", "default = 9"), r"param\[0\] \(m\)\: default: 9"),
     (lambda t: t.replace("high = 6", "high = 6\ncolour = 1"), r"unknown key\(s\) \['colour'\]"),
-    (lambda t: t.replace('"target.kind" = "sphereface"', '"target.kind" = "sphere"'), r"branch .* unknown kind 'sphere'"),
+    (lambda t: t.replace('"target.kind" = "sphereface"', '"target.kind" = "sphere"'),
+     r"branch .* unknown kind 'sphere'"),
     (lambda t: t + '\n[[param]]\nname = "z"\ntype = "float"\nlow = 0\nhigh = 1\nsets = "s"\nwhen = { m = 3 }\n',
      r"'m' is not an earlier categorical"),
     (lambda t: t.replace("[[param]]", "[[param", 1), "not valid TOML"),

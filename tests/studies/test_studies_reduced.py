@@ -1,4 +1,5 @@
-"""The four studies' reduced versions end to end on `tiny` through `studies/run_all.py`: folders, tables, runs, MLflow."""
+"""The four studies' reduced versions end to end on `tiny` through `studies/run_all.py`: folders, tables, runs,
+MLflow."""
 from __future__ import annotations
 
 import json
@@ -14,14 +15,15 @@ TABLES = {
     "named_baselines": ("| loss | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 10-fold accuracy | hard-pair accuracy | tail rank-1 |",
                         ["| normface |", "| cosface |", "| arcface |"]),
     "search_pays": ("| row | proxy reward | full-budget val | TAR@FAR=1e-3 |",
-                    ["| reward-guided (searched) |", "| population (searched) |", "| tpe (searched) |", "(best named) |",
-                     " at s = "]),
+                    ["| reward-guided (searched) |", "| population (searched) |", "| tpe (searched) |",
+                     "(best named) |", " at s = "]),
     "proxy_fidelity": ("| proxy | cost (× full) | Spearman ρ | Kendall τ | n | seed noise / spec spread |",
                        ["| 1 ep × all ids |", "| 2 ep × all ids |", "| full budget, val reward (reference) |"]),
     "long_tail": ("| variant | tail rank-1 | hard-sample TAR@FAR=1e-3 | TAR@FAR=1e-3 |",
                   ["| normface |", "| arcface |", "| kappaface |", "| arcface + range |", "| arcface + ddl |"]),
 }
-FIGURES = {"named_baselines": ["named_baselines.png"], "search_pays": ["search_history.png", "champion_target_logit.png"],
+FIGURES = {"named_baselines": ["named_baselines.png"],
+           "search_pays": ["search_history.png", "champion_target_logit.png"],
            "proxy_fidelity": ["proxy_vs_full.png"], "long_tail": ["long_tail.png"]}
 RUNS = {"named_baselines": 3, "search_pays": 3, "proxy_fidelity": 3, "long_tail": 5}
 

@@ -15,7 +15,8 @@ def cache(tmp_path, monkeypatch):
 
 def test_train_evaluate_export(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--loss", "arcface", "--set", "target.m2_rad=0.4", "--data", "synthetic:tiny", "--budget", "proxy",
+    code = main(["train", "--loss", "arcface", "--set", "target.m2_rad=0.4", "--data", "synthetic:tiny",
+                 "--budget", "proxy",
                  "--budget-set", "epochs=1", "--budget-set", "batch_size=32", "--budget-set", "eval_pairs=100",
                  "--aux", "range:0.1:margin=0.5", "--out", str(out), "--quiet"])
     assert code == 0
@@ -26,7 +27,8 @@ def test_train_evaluate_export(tmp_path, capsys):
                  "--pairs", "100"]) == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and "tar@far=1e-3" in metrics
-    assert main(["export", "--model", str(out / "model.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    assert main(["export", "--model", str(out / "model.pt"), "--format", "torchscript",
+                 "--out", str(tmp_path / "m.ts")]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "m.ts"), "--data", "synthetic:tiny", "--pairs", "100"]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]

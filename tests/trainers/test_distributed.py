@@ -38,7 +38,8 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, loss):
     assert r0["status"] == r1["status"] == "complete"
     for key in ("model", "head"):
         for name, value in r0[key].items():
-            torch.testing.assert_close(value, r1[key][name], msg=lambda m: f"{key}.{name} differs between ranks: {m}")
+            torch.testing.assert_close(value, r1[key][name],
+                                       msg=lambda m, key=key, name=name: f"{key}.{name} differs between ranks: {m}")
     assert all(m for m in r0["metrics"]) and not any(m for m in r1["metrics"])  # rank 0 judges, rank 1 does not
     if loss == "curricularface":
         assert r0["head"]["curricular_t"] != 0  # head buffers moved, and were averaged over the ranks at epoch end
@@ -111,14 +112,17 @@ def _head_parallel_worker(rank: int, world: int, init_file: str, cache: str, out
 def test_head_parallel_training_splits_the_centres_and_keeps_backbones_in_sync(tmp_path):
     cache = tmp_path / "cache"
     data = load_synthetic("tiny", cache_dir=cache)
-    mp.spawn(_head_parallel_worker, args=(2, str(tmp_path / "rendezvous"), str(cache), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_head_parallel_worker, args=(2, str(tmp_path / "rendezvous"), str(cache), str(tmp_path)), nprocs=2,
+             join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["status"] == r1["status"] == "complete"
     for name, value in r0["model"].items():
-        torch.testing.assert_close(value, r1["model"][name], msg=lambda m: f"backbone {name} differs between ranks: {m}")
+        torch.testing.assert_close(value, r1["model"][name],
+                                   msg=lambda m, name=name: f"backbone {name} differs between ranks: {m}")
     classes = data.train.num_classes
     assert r0["bounds"] == (0, classes // 2) and r1["bounds"] == (classes // 2, classes)
     assert r0["head"]["weight"].shape[0] + r1["head"]["weight"].shape[0] == classes
     assert r0["head"]["curricular_t"] == r1["head"]["curricular_t"] != 0
-    assert len(r0["auc"]) == 2 and all(0.5 < a <= 1.0 for a in r0["auc"])  # rank 0 judged every epoch, better than chance
+    # rank 0 judged every epoch, better than chance
+    assert len(r0["auc"]) == 2 and all(0.5 < a <= 1.0 for a in r0["auc"])
     assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "ckpt.rank1.pt").exists()  # one checkpoint per rank

@@ -29,8 +29,8 @@ def test_torchscript_round_trip_in_a_fresh_interpreter(model, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         expected = model(x)
-    code = ("import torch, json; m = torch.jit.load(%r); x = torch.load(%r); e = m(x); "
-            "torch.save(e, %r)") % (str(path), str(tmp_path / "x.pt"), str(tmp_path / "e.pt"))
+    code = (f"import torch, json; m = torch.jit.load({str(path)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+            f"e = m(x); torch.save(e, {str(tmp_path / 'e.pt')!r})")
     # a fresh interpreter that never imports marginsearch: the export stands alone
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     got = torch.load(tmp_path / "e.pt")

@@ -45,21 +45,25 @@ STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED
 
 
 def campaign_argv(workdir: Path) -> list[str]:
-    """`marginsearch campaign` on the tiny campaign in `workdir` (2 promotions: the best searched and the best baseline)."""
+    """`marginsearch campaign` on the tiny campaign in `workdir` (2 promotions: the best searched and the best
+    baseline)."""
     sets = {**CAMPAIGN, "campaign.workdir": str(workdir)}
-    return ["campaign", *[arg for k, v in sets.items() for arg in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]]
+    return ["campaign", *[arg for k, v in sets.items()
+                          for arg in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]]
 
 
-def run_cli(argv: list[str], workdir: Path, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(argv: list[str], workdir: Path, fault: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
     """The CLI in a fresh process (a SIGKILL at `fault` = '<phase>:<n>' if given)."""
     env = {**os.environ, "MARGINSEARCH_CACHE": str(workdir.parent / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": str(ROOT), "MARGINSEARCH_FAULT": fault or ""}
-    return subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *argv], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "marginsearch.trainers.cli", *argv], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def consistency_problems(workdir: Path, n_trials: int = TRIALS + len(BASELINES)) -> list[str]:
-    """What is wrong with a finished campaign in `workdir` (empty: nothing lost, nothing duplicated, nothing left RUNNING)."""
+    """What is wrong with a finished campaign in `workdir` (empty: nothing lost, nothing duplicated, nothing left
+    RUNNING)."""
     from marginsearch.trainers.registry import champion, verify_loads
 
     problems: list[str] = []
@@ -86,7 +90,8 @@ def consistency_problems(workdir: Path, n_trials: int = TRIALS + len(BASELINES))
                or (t.state == TrialState.FAIL and t.number not in retried)]
     if len(counted) != n_trials:
         problems.append(f"{len(counted)} finished trials, {n_trials} configured")
-    problems += [f"trial {t.number} is {t.state.name}" for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    problems += [f"trial {t.number} is {t.state.name}" for t in trials
+                 if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     for t in trials:
         if t.number in retried and not t.user_attrs.get(FAIL_REASON, "").startswith("abandoned"):
             problems.append(f"retried trial {t.number} has no 'abandoned' reason")
@@ -152,9 +157,10 @@ def test_a_diverging_candidate_fails_with_its_reason_in_optuna_and_mlflow_and_th
     client = MlflowClient(result.tracking_uri)
     for trial in result.search.study.get_trials():
         assert trial.user_attrs[FAIL_REASON].startswith("diverged: loss became nan")
+        key = spec_key(MarginSpec.from_dict(trial.user_attrs["spec"]))
         run = client.get_run(client.search_runs(
             [client.get_experiment_by_name(result.experiment).experiment_id],
-            f"tags.`{TAG}trial_key` = 'demo-1/{spec_key(MarginSpec.from_dict(trial.user_attrs['spec']))}'")[0].info.run_id)
+            f"tags.`{TAG}trial_key` = 'demo-1/{key}'")[0].info.run_id)
         assert run.info.status == "FAILED" and run.data.tags[f"{TAG}state"] == "failed"
         assert run.data.tags[f"{TAG}reason"] == trial.user_attrs[FAIL_REASON]
 
@@ -204,7 +210,8 @@ def test_two_worker_processes_on_one_study_and_one_mlflow_store_record_every_tri
 
     monkeypatch.setenv("MARGINSEARCH_CACHE", str(tmp_path / "cache"))
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    optuna.create_study(storage=make_storage(storage), study_name="shared", direction="maximize")  # stores before fan-out
+    # stores before fan-out
+    optuna.create_study(storage=make_storage(storage), study_name="shared", direction="maximize")
     tracker = CampaignTracker(uri, "workers")
     parent = tracker.start_search("shared", {}, {}, {}, resume_key="shared")
     n_trials = 4

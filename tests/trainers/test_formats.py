@@ -390,7 +390,8 @@ def test_image_folder_corrupt_jpeg_names_the_file(tmp_path):
 
 
 def test_package_import_is_light_and_synthetic_still_imports():
-    code = ("import sys, marginsearch.trainers.data as d; assert 'torch' not in sys.modules and 'PIL' not in sys.modules;"
+    code = ("import sys, marginsearch.trainers.data as d; "
+            "assert 'torch' not in sys.modules and 'PIL' not in sys.modules;"
             "assert issubclass(d.DataError, ValueError); import marginsearch.trainers.data.synthetic; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "ok", out.stderr

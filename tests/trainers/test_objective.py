@@ -50,8 +50,9 @@ def test_margin_search_on_tiny_with_optuna(tmp_path, cache):
     result = run_search("margin", objective, n_trials=5, baselines="named",
                         study=StudyOptions(str(tmp_path / "search.db"), "tiny"))
     _check_table(result, 5)
+    # resume: nothing left to run, nothing enqueued twice
     again = run_search("margin", objective, n_trials=5, baselines="named",
-                       study=StudyOptions(str(tmp_path / "search.db"), "tiny"))  # resume: nothing left to run, nothing enqueued twice
+                       study=StudyOptions(str(tmp_path / "search.db"), "tiny"))
     assert [r.number for r in again.rows] == [r.number for r in result.rows]
 
 

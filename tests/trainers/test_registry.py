@@ -80,7 +80,8 @@ def test_champion_moves_only_through_the_gate(campaign):
     assert version.tags["marginsearch.trial_run_id"] == campaign["trial"]
     assert version.tags["marginsearch.search_run_id"] == campaign["parent"]
     run_tags = client.get_run(runs["b"]).data.tags
-    assert run_tags["marginsearch.gate.became_champion"] == "false" and run_tags["marginsearch.gate.version"] == worse.version
+    assert (run_tags["marginsearch.gate.became_champion"] == "false"
+            and run_tags["marginsearch.gate.version"] == worse.version)
 
     set_challenger(client, "emb", worse.version)
     assert str(client.get_model_version_by_alias("emb", CHALLENGER).version) == worse.version
@@ -121,7 +122,8 @@ def test_champion_loads_in_a_fresh_process_without_marginsearch(campaign, tmp_pa
         with torch.no_grad():
             out = model(torch.from_numpy(np.load("images.npy"))).numpy()
         np.save("embeddings.npy", out)
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("marginsearch", "trainers", "losses", "searchspace")))
+        print(sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("marginsearch", "trainers", "losses", "searchspace")))
     """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": campaign["tracker"].tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -72,7 +72,10 @@ def test_training_from_recordio(tmp_path):
 
 @pytest.mark.parametrize("kind", ["imagefolder", "recordio"])
 def test_evaluation_labelled_images(tmp_path, kind):
-    images = write_folder(tmp_path / "faces") if kind == "imagefolder" else write_rec(tmp_path / "train.rec")
+    if kind == "imagefolder":
+        write_folder(tmp_path / "faces")
+    else:
+        write_rec(tmp_path / "train.rec")
     target = tmp_path / ("faces" if kind == "imagefolder" else "train.rec")
     data = evaluation_data(f"{kind}:{target}")
     assert isinstance(data, LabelledImages) and data.images.shape == (IDENTITIES * PER_IDENTITY, 3, 8, 8)

@@ -51,7 +51,8 @@ def test_long_tail_follows_the_power_curve():
 
 
 def test_hard_fraction_and_label_noise():
-    cfg = dataclasses.replace(syn.PRESETS["tiny"], train_identities=60, max_images=20, hard_fraction=0.3, label_noise=0.2)
+    cfg = dataclasses.replace(syn.PRESETS["tiny"], train_identities=60, max_images=20, hard_fraction=0.3,
+                              label_noise=0.2)
     b = syn.generate(cfg)
     assert abs(b.train.hard.float().mean().item() - 0.3) < 0.06
     changed = (b.train.labels != b.train_clean_labels).float().mean().item()

@@ -58,7 +58,8 @@ def test_unreachable_server_and_missing_folder_fail_fast(tmp_path):
 def test_search_and_trial_runs_hold_params_metrics_tags_artifacts(tracker, tmp_path):
     long_value = "x" * 7000
     parent = tracker.start_search("search A", {"space": {"name": "arc", "budget": 3}, "note": long_value},
-                                  {"owner": "test"}, {"space.toml": "[target]\nm2 = 0.5\n", "raw/blob.bin": b"\x00\x01"})
+                                  {"owner": "test"},
+                                  {"space.toml": "[target]\nm2 = 0.5\n", "raw/blob.bin": b"\x00\x01"})
     run = tracker.client.get_run(parent)
     assert run.info.status == "RUNNING"
     assert run.data.params["space.name"] == "arc" and run.data.params["space.budget"] == "3"

@@ -116,7 +116,8 @@ def test_compiled_backbone_trains_and_returns_the_plain_module(tiny):
     eager = train(named("cosface"), tiny, _budget(epochs=1))
     compiled = train(named("cosface"), tiny, _budget(epochs=1, compile=True))
     assert compiled.status == "complete"
-    assert "_compiled_call_impl" not in vars(compiled.model.backbone) or compiled.model.backbone._compiled_call_impl is None
+    assert ("_compiled_call_impl" not in vars(compiled.model.backbone)
+            or compiled.model.backbone._compiled_call_impl is None)
     assert not any(k.startswith("_orig_mod") for k in compiled.model.state_dict())
     # same seed, same data order: the compiled graph computes the same function up to float reassociation
     for a, b in zip(compiled.model.state_dict().values(), eager.model.state_dict().values()):

@@ -1,4 +1,5 @@
-"""Two `marginsearch search --worker` processes on one campaign (one SQLite Optuna study, one MLflow store), then promote.
+"""Two `marginsearch search --worker` processes on one campaign (one SQLite Optuna study, one MLflow store), then
+promote.
 
 The second worker joins while the first is running trials: neither fails nor closes the other's
 live trials and runs, every trial is recorded once in Optuna and MLflow, and `marginsearch promote`
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
