@@ -7,7 +7,8 @@ import optuna
 
 from ._study import PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
 from .options import SearchPlan
-from .results import Objective, SearchResult, TrialFailed, row_of, rows_of, store_spec
+from .results import (Objective, SearchResult, TrialContext, TrialFailed, end_trial_context, row_of, rows_of,
+                      store_spec, trial_context)
 from .space import SearchSpace
 
 __all__ = ["run_optuna", "optuna_objective"]
@@ -25,11 +26,14 @@ def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optu
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
+        token = trial_context(TrialContext(trial.number, trial.study.study_name, trial.set_user_attr))
         try:
             return checked_reward(objective(spec, report))
         except TrialFailed as exc:
             record_failure(trial.set_user_attr, exc.reason)
             raise TrialFailed(exc.reason) from None
+        finally:
+            end_trial_context(token)
 
     return run
 

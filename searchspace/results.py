@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -13,7 +15,8 @@ from marginsearch.losses import MarginSpec, SpecError, identify
 from .space import SearchSpace, SpaceError
 
 __all__ = ["TrialFailed", "TrialRow", "SearchResult", "row_of", "rows_of", "store_spec", "FAIL_REASON", "BASELINE",
-           "ROUND", "SPEC"]
+           "ROUND", "SPEC", "TrialContext",
+           "current_trial", "trial_context", "end_trial_context"]
 
 FAIL_REASON = "fail_reason"   # user attr: why a trial failed
 BASELINE = "baseline"         # user attr: the named loss an enqueued baseline trial stands for
@@ -21,6 +24,33 @@ ROUND = "round"               # user attr: the round of a population-mode trial
 SPEC = "spec"                 # user attr: the trial's MarginSpec (`to_dict`), the one stored copy rows read back
 
 Objective = Callable[[Any, Callable[[int, float], None]], float]
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """The Optuna trial an objective call belongs to, for objectives that record it elsewhere (MLflow run names, links)."""
+
+    number: int
+    study_name: str
+    set_user_attr: Callable[[str, Any], None]
+
+
+_CURRENT: ContextVar[TrialContext | None] = ContextVar("marginsearch_trial", default=None)
+
+
+def current_trial() -> TrialContext | None:
+    """The trial the running objective call belongs to (set by the in-process Optuna backend), or None."""
+    return _CURRENT.get()
+
+
+def trial_context(context: TrialContext | None) -> Token:
+    """Set `current_trial()`; pass the returned token to `end_trial_context` when the objective call ends."""
+    return _CURRENT.set(context)
+
+
+def end_trial_context(token: Token) -> None:
+    """Restore `current_trial()` to what it was before `trial_context`."""
+    _CURRENT.reset(token)
 
 
 class TrialFailed(Exception):
@@ -54,7 +84,8 @@ def store_spec(set_user_attr: Callable[[str, Any], None], spec: MarginSpec) -> N
 
 
 def _spec_of(trial: FrozenTrial, space: SearchSpace) -> MarginSpec | None:
-    """The stored spec; for a trial that stored none (it failed before its objective ran), the space's spec of its params."""
+    """The stored spec; for a trial that stored none (it failed before its objective ran), the space's spec of
+    its params."""
     try:
         if SPEC in trial.user_attrs:
             return MarginSpec.from_dict(trial.user_attrs[SPEC])
@@ -78,7 +109,8 @@ def row_of(trial: FrozenTrial, space: SearchSpace) -> TrialRow:
     fields = space.searched_fields(spec, trial.params) if spec is not None else {}
     return TrialRow(trial.number, dict(trial.params), spec, name,
                     trial.value if trial.state == TrialState.COMPLETE else None, trial.state.name, reason,
-                    dict(trial.intermediate_values), trial.user_attrs.get(BASELINE), trial.user_attrs.get(ROUND), fields)
+                    dict(trial.intermediate_values), trial.user_attrs.get(BASELINE), trial.user_attrs.get(ROUND),
+                    fields)
 
 
 def rows_of(study: optuna.Study, space: SearchSpace) -> list[TrialRow]:
@@ -107,10 +139,11 @@ class SearchResult:
     def best(self) -> TrialRow | None:
         """The COMPLETE row with the highest reward (None if none completed)."""
         done = [r for r in self.rows if r.state == "COMPLETE" and r.reward is not None]
-        return max(done, key=lambda r: r.reward) if done else None
+        return max(done, key=lambda r: cast(float, r.reward)) if done else None  # done: rewards not None
 
     def to_markdown(self, columns: Mapping[str, Callable[[TrialRow], Any]] | None = None) -> str:
-        """A markdown table: trial, round, named loss, state, reward, reward per epoch, the spec fields searched, reason."""
+        """A markdown table: trial, round, named loss, state, reward, reward per epoch, the spec fields searched,
+        reason."""
         columns = columns or {
             "trial": lambda r: r.number,
             "round": lambda r: "" if r.round is None else r.round,

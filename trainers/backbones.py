@@ -8,7 +8,7 @@ does. Every backbone takes ``input_size`` and sizes its flatten/GDC layer from i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -7,8 +7,9 @@ campaigns (`[budget.proxy]` / `[budget.full]` override these fields) and the stu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from marginsearch.losses.errors import MarginsearchError
 
@@ -56,8 +57,10 @@ class Budget:
             (self.schedule in ("cosine", "step"), f"schedule must be 'cosine' or 'step', got {self.schedule!r}"),
             (self.amp in ("bf16", "fp16", "off"), f"amp must be 'bf16', 'fp16' or 'off', got {self.amp!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.identities in (None, 0) or self.identities >= 2, f"identities must be 0 (all) or ≥ 2, got {self.identities}"),
-            (self.image_size is None or 8 <= self.image_size <= 512, f"image_size must be in [8, 512], got {self.image_size}"),
+            (self.identities in (None, 0) or self.identities >= 2,
+             f"identities must be 0 (all) or ≥ 2, got {self.identities}"),
+            (self.image_size is None or 8 <= self.image_size <= 512,
+             f"image_size must be in [8, 512], got {self.image_size}"),
         ]
         for ok, message in checks:
             if not ok:

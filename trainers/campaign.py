@@ -22,14 +22,15 @@ from typing import Any, Callable
 
 from marginsearch.losses import MarginSpec, identify
 from marginsearch.searchspace import load as load_space
-from marginsearch.searchspace.results import SearchResult, TrialFailed, TrialRow
+from marginsearch.searchspace.results import SearchResult, TrialFailed, TrialRow, current_trial
 
 from .budget import Budget, budget_dict
 from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
-from .tracking import TAG, CampaignTracker, check_tracking_uri, figure_files, resolve_tracking_uri
+from .tracking import (MLFLOW_RUN_ATTR, OPTUNA_STORAGE_TAG, OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG, TAG, CampaignTracker,
+                       check_tracking_uri, figure_files, resolve_tracking_uri)
 from .train import train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
@@ -66,7 +67,15 @@ class TrackedObjective:
         data = data_for(self.data_source, self.cache_dir)
         key = f"{self.campaign_key}/{spec_key(spec)}"
         params = {"budget": budget_dict(self.budget), "data": self.data_source}
-        trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, {f"{TAG}campaign_key": self.campaign_key})
+        context = current_trial()  # the Optuna trial, when it runs in this process
+        tags: dict[str, Any] = {f"{TAG}campaign_key": self.campaign_key}
+        name = None
+        if context is not None:
+            tags.update({OPTUNA_TRIAL_TAG: context.number, OPTUNA_STUDY_TAG: context.study_name})
+            name = f"trial {context.number} · {identify(spec) or 'searched'}"
+        trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, tags, run_name=name)
+        if context is not None:
+            context.set_user_attr(MLFLOW_RUN_ATTR, trial.run_id)  # and back: the Optuna trial names its MLflow run
         with trial:
             def on_epoch(epoch_report: Any) -> None:
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
@@ -81,7 +90,7 @@ class TrackedObjective:
             if not math.isfinite(result.reward):
                 trial.finish("failed", f"reward is {result.reward}")
                 raise TrialFailed(f"reward {self.budget.reward_metric} is {result.reward}")
-            trial.finish("complete", reward=result.reward)
+            trial.finish("complete")  # the reward is the last epoch's, already logged
             return result.reward
 
 
@@ -164,7 +173,13 @@ def _open_campaign(config: CampaignConfig, tracker: CampaignTracker, new: bool, 
         key = f"{name}-{max(numbers, default=0) + 1}"
         log(f"starting campaign {key}")
     artifacts = {"campaign.toml": config_to_toml(config), "space.toml": _space_text(config.search.space)}
-    parent = tracker.start_search(key, config.to_dict(), {f"{TAG}campaign": name, f"{TAG}data": config.data.train},
+    params = config.to_dict()  # with the places resolved: what '' and '.' meant when this campaign ran
+    params["campaign"]["workdir"] = str(config.workdir)
+    params["search"]["storage"] = storage_url(config)
+    params["tracking"]["uri"] = tracker.tracking_uri
+    tags = {f"{TAG}campaign": name, f"{TAG}data": config.data.train, OPTUNA_STUDY_TAG: key,
+            OPTUNA_STORAGE_TAG: storage_url(config)}
+    parent = tracker.start_search(key, params, tags,
                                   artifacts, resume_key=key)
     return key, parent
 
@@ -186,13 +201,24 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
     objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key)
     log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
         f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
-    return run_search(s.space, objective, backend=s.backend, sampler=s.sampler, n_trials=s.trials + len(s.baselines),
-                      seed=config.campaign.seed, population=s.population, pruner=s.pruner,
-                      baselines=list(s.baselines), study=StudyOptions(storage_url(config), key, resume=True),
-                      ray=RayOptions(address=s.ray_address or None,
-                                     resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-                                     storage_path=str(config.workdir / "ray_results")),
-                      callbacks=[lambda row: log(_row_line(row))])
+    result = run_search(s.space, objective, backend=s.backend, sampler=s.sampler, n_trials=s.trials + len(s.baselines),
+                        seed=config.campaign.seed, population=s.population, pruner=s.pruner,
+                        baselines=list(s.baselines), study=StudyOptions(storage_url(config), key, resume=True),
+                        ray=RayOptions(address=s.ray_address or None,
+                                       resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
+                                       storage_path=str(config.workdir / "ray_results")),
+                        callbacks=[lambda row: log(_row_line(row)), lambda row: _label_trial_run(tracker, parent, key, row)])
+    if result.study is not None:  # the study names the MLflow campaign run that records it
+        result.study.set_user_attr("mlflow_parent_run_id", parent)
+        result.study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
+    return result
+
+
+def _label_trial_run(tracker: CampaignTracker, parent: str, key: str, row: TrialRow) -> None:
+    """From the driver, after each trial: its MLflow run named `trial N · loss` and tagged with the Optuna trial (Ray too)."""
+    if row.spec is not None:
+        tracker.label_trial_run(parent, f"{key}/{spec_key(row.spec)}", row.number, key,
+                                row.baseline or row.named or "searched")
 
 
 def _retry_abandoned_trials(config: CampaignConfig, key: str, log: Callable[[str], None]) -> None:
@@ -315,13 +341,21 @@ def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[P
 
     for p in sorted(promoted, key=lambda p: p.metrics.get(metric, -math.inf)):  # best last: it meets the gate last
         gate = register_and_gate(tracker.client, config.model_name, p.run_id, metric,
-                                 p.metrics.get(metric, math.nan))
+                                 p.metrics.get(metric, math.nan), description=_description(p, metric))
         p.version, p.became_champion, p.gate_reason = gate.version, gate.became_champion, gate.reason
         log(f"registry: {config.model_name} v{gate.version} ({p.label}): {gate.reason}")
     losers = [p for p in promoted if p.version and not _is_champion(tracker, config.model_name, p.version)]
     if losers:
         runner_up = max(losers, key=lambda p: p.metrics.get(metric, -math.inf))
         set_challenger(tracker.client, config.model_name, runner_up.version)
+
+
+def _description(p: Promoted, metric: str) -> str:
+    """A registered version's description: the loss, its test metric, and the spec fields that make it."""
+    fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.spec.flat().items()
+                       if not k.endswith(".kind"))
+    return (f"{p.label}: {metric.removeprefix('test/')} {p.metrics.get(metric, math.nan):.4f} on the test identities; "
+            f"images RGB [-1, 1] (x / 127.5 - 1) as the model's signature says; spec {fields}")
 
 
 def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> bool:

@@ -128,13 +128,27 @@ def cmd_train(args: argparse.Namespace) -> int:
                        {"spec": spec.to_dict(), "metrics": result.metrics, "status": result.status})
     summary = {"status": result.status, "reason": result.reason, "reward": result.reward,
                "metrics": result.metrics, "model": str(path)}
-    (out / "result.json").write_text(json.dumps(summary, indent=1, default=_nan_safe))
-    print(json.dumps(summary, indent=1, default=_nan_safe))
+    (out / "result.json").write_text(strict_json(summary))
+    print(strict_json(summary))
     return 0 if result.status != "diverged" else 1
 
 
-def _nan_safe(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else str(value)
+def _finite_or_none(value: Any) -> Any:
+    """JSON-ready: NaN and ±inf become null (valid JSON has no NaN), containers recursively, odd objects their str."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def strict_json(value: Any) -> str:
+    """`value` as strict JSON (what `json.loads` of any language accepts): undefined metrics are null."""
+    return json.dumps(_finite_or_none(value), indent=1, allow_nan=False)
 
 
 def _print_epoch(report) -> None:
@@ -144,7 +158,7 @@ def _print_epoch(report) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .export import load_any_model
+    from .tracking import load_any_model
     from .judge import judge, judge_pairs
     from .sources import PairSet, evaluation_data
 
@@ -154,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = judge_pairs(model, data.images, data.issame)
     else:
         metrics = judge(model, data, pairs=args.pairs)
-    print(json.dumps({"data": args.data, "metrics": metrics}, indent=1, default=_nan_safe))
+    print(strict_json({"data": args.data, "metrics": metrics}))
     return 0
 
 
@@ -206,7 +220,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_model, load_any_model
+    from .export import export_model
+    from .tracking import load_any_model
 
     model, meta = load_any_model(args.model, args.tracking_uri)
     size = int(meta.get("input_size") or meta.get("input", {}).get("shape", [0, 0, 0, 112])[3])

@@ -13,16 +13,17 @@ defaults. `override(config, {"search.trials": 20})` applies command-line `--set`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import tomllib
 
+from marginsearch.losses.errors import MarginsearchError
 from marginsearch.searchspace.options import DEFAULT_POPULATION
 
 from .budget import BUDGETS, Budget, budget_from
-from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["ConfigError", "CampaignConfig", "load_config", "override", "config_to_toml"]
 

@@ -8,14 +8,14 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["EvaluationError", "THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc", "roc_curve",
-           "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold", "identification_rank1",
+__all__ = ["EvaluationError", "THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc",
+           "roc_curve", "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold", "identification_rank1",
            "split_by_frequency", "accuracy_by_frequency"]
 
 
@@ -35,7 +35,8 @@ def kfold_indices(n: int, n_folds: int) -> list[np.ndarray]:
 
 
 def _rates(thresholds: np.ndarray, dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(TPR, FPR, accuracy) at each threshold when pairs with distance < threshold are called 'same' (0 for an empty class)."""
+    """(TPR, FPR, accuracy) at each threshold when pairs with distance < threshold are called 'same' (0 for an
+    empty class)."""
     same, diff = np.sort(dist[issame]), np.sort(dist[~issame])
     tp = np.searchsorted(same, thresholds, side="left")   # how many same-pair distances lie strictly below
     fp = np.searchsorted(diff, thresholds, side="left")
@@ -55,7 +56,8 @@ def _check_pairs(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, n_folds: in
 
 def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame: Iterable[bool],
                           n_folds: int = 10, far_target: float = 1e-3) -> dict[str, object]:
-    """insightface 10-fold verification: accuracy and accuracy_std (fractions), VAL@FAR, best thresholds (squared L2)."""
+    """insightface 10-fold verification: accuracy and accuracy_std (fractions), VAL@FAR, best thresholds
+    (squared L2)."""
     e1, e2 = np.asarray(embeddings1, dtype=np.float64), np.asarray(embeddings2, dtype=np.float64)
     same = np.asarray(list(issame) if not isinstance(issame, np.ndarray) else issame).astype(bool)
     _check_pairs(e1, e2, same, n_folds)
@@ -113,7 +115,8 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their mean rank."""
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])   # where each run of equal values starts (and the end)
+    # where each run of equal values starts (and the end)
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
     lo, hi = bounds[:-1], bounds[1:]
     ranks = np.empty(len(x))
     ranks[order] = np.repeat(0.5 * (lo + 1 + hi), hi - lo)
@@ -138,7 +141,8 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, s[last]]
 
 
-def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Up to n_pos distinct same-identity pairs and n_neg distinct different-identity pairs, shuffled (seeded)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)

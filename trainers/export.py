@@ -18,8 +18,7 @@ from torch import nn
 
 from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["ExportError", "FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model",
-           "load_mlflow_model", "load_any_model"]
+__all__ = ["ExportError", "FORMATS", "export_model", "load_torchscript", "describe", "save_bundle", "load_model"]
 
 FORMATS = ("torchscript", "onnx")
 
@@ -132,41 +131,4 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("/constants.pkl") for n in z.namelist())
-
-
-def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A logged or registered model (`models:/name@champion`, `models:/name/3`, `runs:/<id>/model`) and its description.
-
-    `tracking_uri` names the store (None: ./mlflow.db). The description is the one logged with the
-    model (input shape, normalisation, spec); its input size is set on the module as `input_size`
-    (H, W), so the judge resizes other images to it as it does for a local model.
-    """
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    from .tracking import check_tracking_uri, resolve_tracking_uri
-
-    store = resolve_tracking_uri(tracking_uri, Path.cwd())
-    check_tracking_uri(store)
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
-    try:
-        model = mlflow.pytorch.load_model(uri)
-        meta = dict((Model.load(uri).metadata or {}).get("marginsearch", {}))
-    except (MlflowException, OSError) as exc:
-        raise ExportError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
-    shape = meta.get("input", {}).get("shape")
-    if isinstance(shape, list) and len(shape) == 4:
-        model.input_size = (int(shape[2]), int(shape[3]))
-        meta.setdefault("input_size", int(shape[3]))
-    return model, meta
-
-
-def load_any_model(path_or_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """`load_mlflow_model` for a models:/ or runs:/ URI, else `load_model` of a bundle or TorchScript file."""
-    if path_or_uri.startswith(("models:/", "runs:/")):
-        return load_mlflow_model(path_or_uri, tracking_uri)
-    return load_model(path_or_uri)
 

@@ -12,7 +12,8 @@ import functools
 import importlib
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["FAULT_ENV", "FAULT_POINTS", "install", "install_from_environment"]
 

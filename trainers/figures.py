@@ -20,11 +20,19 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 
 def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
-    """Reward of each finished trial (baselines marked) and the best so far, against trial number."""
+    """Reward of each finished trial (baselines marked, pruned trials at their last reward) and the best so far, against trial number."""
+    from matplotlib.ticker import MaxNLocator
+
     scored = [r for r in rows if r.reward is not None and math.isfinite(r.reward)]
-    if not scored:
+    pruned = [(r.number, r.intermediate[max(r.intermediate)]) for r in rows
+              if r.state == "PRUNED" and r.intermediate and math.isfinite(r.intermediate[max(r.intermediate)])]
+    if not scored and not pruned:
         return None
     fig, ax = _figure(6.4, 3.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers are integers
+    if pruned:
+        ax.scatter([n for n, _ in pruned], [v for _, v in pruned], s=18, marker="x", color="grey",
+                   label="pruned (last reward)")
     sampled = [r for r in scored if not r.baseline]
     named = [r for r in scored if r.baseline]
     ax.scatter([r.number for r in sampled], [r.reward for r in sampled], s=18, label="sampled trial")
@@ -45,10 +53,16 @@ def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
     return fig
 
 
+IMPORTANCE_MIN_TRIALS = 16  # fewer complete trials give importances that are mostly noise: no chart
+
+
 def parameter_importance(study: Any) -> Any:
-    """Optuna's parameter importances (its default evaluator) as a bar chart; None if Optuna cannot compute them."""
+    """Optuna's parameter importances (its default evaluator) as a bar chart, with the trial count; None under 16 complete trials."""
     import optuna
 
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if complete < IMPORTANCE_MIN_TRIALS:
+        return None
     try:
         importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError, ZeroDivisionError):  # too few complete trials or a single value
@@ -59,7 +73,7 @@ def parameter_importance(study: Any) -> Any:
     fig, ax = _figure(6.4, 0.4 * len(names) + 1.2)
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel("importance")
-    ax.set_title("parameter importance")
+    ax.set_title(f"parameter importance (Optuna's default evaluator, {complete} complete trials)", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -1,4 +1,5 @@
-"""How images are prepared for a backbone: uint8 RGB [B, 3, H, W] → float in [−1, 1] (insightface's Normalize(0.5, 0.5)).
+"""How images are prepared for a backbone: uint8 RGB [B, 3, H, W] → float in [−1, 1] (insightface's
+Normalize(0.5, 0.5)).
 
 One function, used by training, judging and export alike, so a model is always fed the way it was trained.
 """

@@ -28,7 +28,8 @@ class LabelledImages:
 @torch.no_grad()
 def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size: int = 512,
           device: torch.device | str = "cpu", flip: bool = True) -> np.ndarray:
-    """L2-normalised embeddings [N, D] (float64), each the normalised sum of the image's and its mirror's (insightface)."""
+    """L2-normalised embeddings [N, D] (float64), each the normalised sum of the image's and its mirror's
+    (insightface)."""
     was_training = model.training
     _set_training(model, False)
     out = []
@@ -44,7 +45,8 @@ def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size:
 
 
 def _set_training(model: nn.Module, mode: bool) -> None:
-    """model.train(mode), except for torch.export programs (MLflow pt2 models): exported in eval mode, they refuse it."""
+    """model.train(mode), except for torch.export programs (MLflow pt2 models): exported in eval mode, they refuse
+    it."""
     try:
         model.train(mode)
     except NotImplementedError:
@@ -92,8 +94,10 @@ def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int =
     return metrics
 
 
-def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray, device: torch.device | str = "cpu") -> dict[str, float]:
-    """A verification pair list (.bin or pairs.txt; pair i = images 2i, 2i+1): insightface 10-fold accuracy, VAL, TAR@FAR, AUC."""
+def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """A verification pair list (.bin or pairs.txt; pair i = images 2i, 2i+1): insightface 10-fold accuracy, VAL,
+    TAR@FAR, AUC."""
     emb = embed(model, images, size=_model_input_size(model), device=device)
     e1, e2 = emb[0::2], emb[1::2]
     issame = np.asarray(issame, dtype=bool)
@@ -108,7 +112,8 @@ def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray, device: to
 
 def judge_long_tail(model: nn.Module, probe: LabelledImages, train_counts: Tensor | np.ndarray,
                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """Leave-one-out rank-1 on held-out images of the training identities, per head / middle / tail third of training frequency.
+    """Leave-one-out rank-1 on held-out images of the training identities, per head / middle / tail third of
+    training frequency.
 
     Keys: head_rank1, middle_rank1, tail_rank1 (the long-tail view of Range loss, KappaFace).
     """
@@ -123,7 +128,8 @@ def _far_key(far: float) -> str:
 
 
 def _pair_scores(emb: np.ndarray, block_floats: int = 1 << 22) -> np.ndarray:
-    """Cosine of every pair i < j, in np.triu_indices order: row blocks of the Gram matrix (~32 MB each), upper parts kept."""
+    """Cosine of every pair i < j, in np.triu_indices order: row blocks of the Gram matrix (~32 MB each), upper
+    parts kept."""
     n = len(emb)
     rows = max(1, block_floats // max(n, 1))
     parts = []
@@ -134,6 +140,7 @@ def _pair_scores(emb: np.ndarray, block_floats: int = 1 << 22) -> np.ndarray:
 
 
 def _model_input_size(model: nn.Module) -> int | None:
-    """The input size a model was trained at: its own `input_size` (set on a loaded MLflow model), else its backbone's."""
+    """The input size a model was trained at: its own `input_size` (set on a loaded MLflow model), else its
+    backbone's."""
     size = getattr(model, "input_size", None) or getattr(getattr(model, "backbone", model), "input_size", None)
     return size[0] if isinstance(size, tuple) else size

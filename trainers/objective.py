@@ -1,4 +1,5 @@
-"""Search objectives that train: `TrainingObjective` (spec, report) → reward, `PopulationObjective` (spec, start state) → (reward, end state).
+"""Search objectives that train: `TrainingObjective` (spec, report) → reward, `PopulationObjective` (spec, start
+state) → (reward, end state).
 
 Both are small picklable callables (they hold a data source string and a budget), so Ray can ship
 them to workers; each process loads the data once and keeps it (`_DATA`).
@@ -7,8 +8,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -41,7 +43,8 @@ def _final_reward(status: str, reason: str, reward: float, metric: str) -> float
 
 
 class TrainingObjective:
-    """objective(spec, report) for `searchspace.run_search`: train under `budget`, report each epoch's reward, return the last."""
+    """objective(spec, report) for `searchspace.run_search`: train under `budget`, report each epoch's reward,
+    return the last."""
 
     def __init__(self, data_source: str, budget: Budget, auxiliary: Auxiliary | None = None,
                  cache_dir: str | Path | None = None, device: str | None = None) -> None:
@@ -49,7 +52,8 @@ class TrainingObjective:
         self.cache_dir, self.device = cache_dir, device
 
     def __call__(self, spec: MarginSpec, report: Callable[[int, float], None]) -> float:
-        """Train `spec`; `report(epoch, reward)` may raise to prune; TrialFailed if it diverges or its reward is not finite."""
+        """Train `spec`; `report(epoch, reward)` may raise to prune; TrialFailed if it diverges or its reward is not
+        finite."""
         data = data_for(self.data_source, self.cache_dir)
         result = train(spec, data, self.budget, auxiliary=self.auxiliary, device=self.device,
                        on_epoch=lambda r: report(r.epoch, r.reward))
@@ -57,7 +61,8 @@ class TrainingObjective:
 
 
 class PopulationObjective:
-    """objective(spec, start_state) → (reward, end_state) for `searchspace.run_population` (AM-LFS / Search-Softmax rounds).
+    """objective(spec, start_state) → (reward, end_state) for `searchspace.run_population` (AM-LFS / Search-Softmax
+    rounds).
 
     A state is the trainer's checkpoint dict (backbone, head, optimizer, schedule, RNG, history).
     Each call trains `epochs_per_round` more epochs of `budget` (set budget.epochs to rounds ×

@@ -152,7 +152,7 @@ def _decide(client: mlflow.MlflowClient, model_name: str, version: str, metric_n
 
 
 def register_and_gate(client: mlflow.MlflowClient, model_name: str, run_id: str, metric_name: str, metric_value: float,
-                      higher_is_better: bool = True, artifact_path: str = "model") -> GateResult:
+                      higher_is_better: bool = True, artifact_path: str = "model", description: str = "") -> GateResult:
     """Register the run's model as a version of `model_name` (reused if registered) and move `champion` if it wins."""
     _ensure_registered_model(client, model_name)
     existing = _existing_version(client, model_name, run_id, artifact_path)
@@ -162,7 +162,8 @@ def register_and_gate(client: mlflow.MlflowClient, model_name: str, run_id: str,
     if existing is None:
         source, model_id = _model_source(client, run_id, artifact_path)
         existing = client.create_model_version(model_name, source, run_id=run_id, model_id=model_id,
-                                               tags={f"{TAG}artifact_path": artifact_path})
+                                               tags={f"{TAG}artifact_path": artifact_path},
+                                               description=description or None)
     version = str(existing.version)
     lineage: dict[str, Any] = {k: v for k, v in run.data.tags.items() if k.startswith(TAG) and not k.startswith(GATE)}
     lineage.update({f"{METRIC}{k}": repr(v) for k, v in run.data.metrics.items()})

@@ -1,4 +1,5 @@
-"""Data sources named by one string: `synthetic:<preset>`, `imagefolder:<dir>`, `recordio:<file.rec>`, `bin:<file.bin>`, `pairs:<pairs.txt>@<root>`.
+"""Data sources named by one string: `synthetic:<preset>`, `imagefolder:<dir>`, `recordio:<file.rec>`,
+`bin:<file.bin>`, `pairs:<pairs.txt>@<root>`.
 
 Training sources (synthetic, imagefolder, recordio) give a `TrainData` whose validation
 identities are disjoint from the training ones; evaluation sources give either labelled images
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from marginsearch.losses.errors import MarginsearchError
+
 from .judge import LabelledImages
 from .train import TrainData
-from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["SourceError", "PairSet", "parse_source", "training_data", "evaluation_data", "SOURCE_KINDS"]
 

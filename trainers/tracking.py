@@ -40,7 +40,7 @@ from marginsearch.losses import MarginSpec, identify, named
 from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
-           "check_tracking_uri", "log_embedding_model", "target_logit_png"]
+           "check_tracking_uri", "log_embedding_model", "target_logit_png", "load_mlflow_model", "load_any_model"]
 
 
 class TrackingError(MarginsearchError):
@@ -55,6 +55,10 @@ STOP_EXCEPTIONS: dict[str, str] = {"optuna.exceptions.TrialPruned": "pruned"}
 
 TAG = "marginsearch."          # prefix of every tag this module writes
 PARENT_TAG = "mlflow.parentRunId"
+OPTUNA_TRIAL_TAG = "optuna.trial_number"   # on each trial run: the Optuna trial it records
+OPTUNA_STUDY_TAG = "optuna.study"          # on the campaign and trial runs: the Optuna study name
+OPTUNA_STORAGE_TAG = "optuna.storage"      # on the campaign run: where the study lives (absolute)
+MLFLOW_RUN_ATTR = "mlflow_run_id"          # Optuna trial user attr: the MLflow run that records it
 CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
 HEALTH_TIMEOUT_S = 3.0
 def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
@@ -315,6 +319,13 @@ class CampaignTracker:
         _log_metrics(self.client, run_id, metrics, step)
 
     # ------------------------------------------------------------------ search (parent) runs
+    def label_trial_run(self, parent_run_id: str, trial_key: str, number: int, study_name: str, label: str) -> None:
+        """Name a trial run `trial <number> · <label>` and tag it with its Optuna trial and study (any backend, from the driver)."""
+        runs = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key})
+        for run in runs[:1]:
+            self.client.update_run(run.info.run_id, name=f"trial {number} · {label}")
+            self._set_tags(run.info.run_id, {OPTUNA_TRIAL_TAG: number, OPTUNA_STUDY_TAG: study_name})
+
     def find_run(self, tags: Mapping[str, str]) -> str | None:
         """The newest active run whose tags equal all of `tags`, or None."""
         runs = self._search({f"tags.`{k}`": str(v) for k, v in tags.items()})
@@ -356,18 +367,18 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ trial (nested) runs
     def trial_run(self, parent_run_id: str, trial_key: str, spec: MarginSpec, params: Mapping[str, Any],
-                  tags: Mapping[str, Any]) -> TrialRun:
-        """Open the trial's nested run, or reopen the one under this parent with the same trial key."""
+                  tags: Mapping[str, Any], run_name: str | None = None) -> TrialRun:
+        """Open the trial's nested run (named `run_name`, else after its key), or reopen the one with the same trial key."""
         key_tags = {f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key}
         found = self._search(key_tags)
         loss = identify(spec) or "none"
         if found:
             run_id = found[0].info.run_id
             reopened = int(found[0].data.tags.get(f"{TAG}reopened", "0")) + 1
-            self.client.update_run(run_id, status="RUNNING")
+            self.client.update_run(run_id, status="RUNNING", name=run_name)
             self._set_tags(run_id, {**tags, f"{TAG}reopened": reopened})
         else:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial {trial_key}", tags={
+            run = self.client.create_run(self.experiment_id, run_name=run_name or f"trial {trial_key}", tags={
                 **{k: _tag_value(v) for k, v in tags.items()}, PARENT_TAG: parent_run_id,
                 f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss})
             run_id = run.info.run_id
@@ -434,3 +445,41 @@ def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id:
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
+
+
+def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A logged or registered model (`models:/name@champion`, `models:/name/3`, `runs:/<id>/model`) and its description.
+
+    `tracking_uri` names the store (None: ./mlflow.db). The description is the one logged with the
+    model (input shape, normalisation, spec); its input size is set on the module as `input_size`
+    (H, W), so the judge resizes other images to it as it does for a local model.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    store = resolve_tracking_uri(tracking_uri, Path.cwd())
+    check_tracking_uri(store)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        model = mlflow.pytorch.load_model(uri)
+        meta = dict((Model.load(uri).metadata or {}).get("marginsearch", {}))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
+    shape = meta.get("input", {}).get("shape")
+    if isinstance(shape, list) and len(shape) == 4:
+        model.input_size = (int(shape[2]), int(shape[3]))
+        meta.setdefault("input_size", int(shape[3]))
+    return model, meta
+
+
+def load_any_model(path_or_uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """`load_mlflow_model` for a models:/ or runs:/ URI, else `load_model` of a bundle or TorchScript file."""
+    from .export import load_model
+
+    if path_or_uri.startswith(("models:/", "runs:/")):
+        return load_mlflow_model(path_or_uri, tracking_uri)
+    return load_model(path_or_uri)
+

@@ -5,16 +5,16 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marginsearch.losses.errors import MarginsearchError
 from marginsearch.losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
+from marginsearch.losses.errors import MarginsearchError
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
@@ -25,7 +25,8 @@ __all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "to
 
 
 class TrainError(MarginsearchError):
-    """A training that cannot start: fewer images than one batch, a batch that does not split, a checkpoint of another run."""
+    """A training that cannot start: fewer images than one batch, a batch that does not split, a checkpoint of
+    another run."""
 
 
 @dataclass
@@ -131,14 +132,16 @@ def _autocast(device: torch.device, budget: Budget):
 
 def parallel_embedding(backbone: nn.Module, device: torch.device,
                        compiled: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], Tensor]:
-    """The backbone wrapped in DDP alone (for a head sharded across the ranks), as a function; `compiled` compiles the wrapper."""
+    """The backbone wrapped in DDP alone (for a head sharded across the ranks), as a function; `compiled` compiles
+    the wrapper."""
     ddp = nn.parallel.DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False)
     return (torch.compile(ddp) if compiled is not None else ddp).__call__
 
 
 def _clip_gradients(objective: nn.Module, max_norm: float, sharded: bool) -> None:
-    """Clip by the norm of the whole gradient; under a sharded head it adds up every rank's shard, so all ranks scale alike."""
+    """Clip by the norm of the whole gradient; under a sharded head it adds up every rank's shard, so all ranks
+    scale alike."""
     if not sharded:
         torch.nn.utils.clip_grad_norm_(objective.parameters(), max_norm)
         return
@@ -157,14 +160,16 @@ def rank_checkpoint(path: Path, rank: int) -> Path:
 
 
 def _stage_images(images: Tensor, device: torch.device) -> Tensor:
-    """Where batches are cut from: the uint8 images moved to the GPU once when they take under a quarter of its free memory, else host memory."""
+    """Where batches are cut from: the uint8 images moved to the GPU once when they take under a quarter of its free
+    memory, else host memory."""
     if device.type == "cuda" and images.numel() * images.element_size() < torch.cuda.mem_get_info(device)[0] // 4:
         return images.to(device)
     return images
 
 
 def _batch_images(images: Tensor, idx: Tensor, device: torch.device) -> Tensor:
-    """The uint8 batch `images[idx]` on `device`: cut there when the images live there, else cut on the host, pinned, copied asynchronously."""
+    """The uint8 batch `images[idx]` on `device`: cut there when the images live there, else cut on the host,
+    pinned, copied asynchronously."""
     if images.device == device:
         return images[idx.to(device)]
     batch = images[idx]
@@ -214,7 +219,8 @@ def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
 
 
 def _summed_buffers(module: nn.Module) -> set[int]:
-    """The buffers every head inside `module` names as per-rank sums (`summed_buffers()`, e.g. KappaFace's class statistics)."""
+    """The buffers every head inside `module` names as per-rank sums (`summed_buffers()`, e.g. KappaFace's class
+    statistics)."""
     out: set[int] = set()
     for sub in module.modules():
         if callable(getattr(sub, "summed_buffers", None)):
@@ -264,7 +270,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
     device = torch.device(device)
     data = data.subset(budget.identities)
     if len(data.labels) < budget.batch_size:
-        raise TrainError(f"{data.name}: {len(data.labels)} training images, fewer than one batch of {budget.batch_size}")
+        raise TrainError(f"{data.name}: {len(data.labels)} training images, "
+                         f"fewer than one batch of {budget.batch_size}")
     if budget.batch_size % world:
         raise TrainError(f"budget: batch_size {budget.batch_size} must be divisible by the {world} processes")
     size = budget.image_size or data.images.shape[-1]
@@ -299,7 +306,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         history = _load_checkpoint(ckpt_path, spec, budget, device, loss_module, backbone, optimizer, scheduler)
     step_fn: nn.Module = objective
     if world > 1 and not sharded:
-        step_fn = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+        step_fn = nn.parallel.DistributedDataParallel(objective,
+                                                      device_ids=[device.index] if device.type == "cuda" else None,
                                                       broadcast_buffers=False)  # buffers: synced per epoch below
 
     images, labels = _stage_images(data.images, device), data.labels.to(device)
@@ -321,7 +329,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
             with _autocast(device, budget):
                 loss = step_fn(x, labels[dev_idx], None if hard is None else hard[dev_idx])
             if _any_rank(not torch.isfinite(loss), world, device):
-                status, reason = "diverged", f"loss became {loss.item()} at epoch {epoch + 1}, step {seen // len(idx) + 1}"
+                status, reason = "diverged", (f"loss became {loss.item()} at epoch {epoch + 1}, "
+                                              f"step {seen // len(idx) + 1}")
                 break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -1,4 +1,5 @@
-"""`DataError`: a data file that cannot be read (its own module, so the readers and the package share it without a cycle)."""
+"""`DataError`: a data file that cannot be read (its own module, so the readers and the package share it without a
+cycle)."""
 from __future__ import annotations
 
 from marginsearch.losses.errors import MarginsearchError

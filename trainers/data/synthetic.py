@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .errors import DataError
-from torch import Tensor
 
 __all__ = ["SyntheticConfig", "SyntheticSplit", "SyntheticBenchmark", "PRESETS", "load_synthetic",
            "generate", "default_cache_dir"]
@@ -155,7 +155,8 @@ def _soft_ellipse(x: Tensor, y: Tensor, cx: Tensor, cy: Tensor, rx: Tensor, ry: 
 
 
 def _render_faces(z: Tensor, size: int, background: Tensor) -> Tensor:
-    """Canonical (pose-free) faces [n, 3, S, S] in [0, 1] from latents [n, LATENT_DIM] on per-image backgrounds [n, 3]."""
+    """Canonical (pose-free) faces [n, 3, S, S] in [0, 1] from latents [n, LATENT_DIM] on per-image backgrounds
+    [n, 3]."""
     n = z.shape[0]
     t = torch.sigmoid(z)       # [0, 1] parameters
     u = torch.tanh(z / 2)      # [−1, 1] parameters
@@ -177,14 +178,18 @@ def _render_faces(z: Tensor, size: int, background: Tensor) -> Tensor:
     eye_dx, eye_y, eye_r = 0.18 + 0.1 * t[:, 15], -0.1 + 0.12 * u[:, 16], 0.07 + 0.05 * t[:, 17]
     iris = col(18) * 0.6
     for side in (-1.0, 1.0):
-        layers.append((_soft_ellipse(x, y, side * eye_dx, eye_y, eye_r * 1.5, eye_r, 10.0), torch.full_like(iris, 0.95)))
+        layers.append((_soft_ellipse(x, y, side * eye_dx, eye_y, eye_r * 1.5, eye_r, 10.0),
+                       torch.full_like(iris, 0.95)))
         layers.append((_soft_ellipse(x, y, side * eye_dx, eye_y, eye_r * 0.8, eye_r * 0.8, 10.0), iris))
         brow_y = eye_y - 0.13 - 0.06 * t[:, 21]
-        layers.append((_soft_ellipse(x, y, side * (eye_dx + 0.03 * u[:, 22]), brow_y, eye_r * 2.0, 0.025 + 0.02 * t[:, 23], 8.0),
+        layers.append((_soft_ellipse(x, y, side * (eye_dx + 0.03 * u[:, 22]), brow_y, eye_r * 2.0,
+                                     0.025 + 0.02 * t[:, 23], 8.0),
                        col(7) * 0.4))
-    layers.append((_soft_ellipse(x, y, 0.04 * u[:, 24], 0.12 + 0.05 * u[:, 25], 0.05 + 0.04 * t[:, 26], 0.1 + 0.08 * t[:, 27], 8.0),
+    layers.append((_soft_ellipse(x, y, 0.04 * u[:, 24], 0.12 + 0.05 * u[:, 25], 0.05 + 0.04 * t[:, 26],
+                                 0.1 + 0.08 * t[:, 27], 8.0),
                    0.35 + 0.4 * torch.stack([t[:, 14], 0.75 * t[:, 14], 0.55 * t[:, 14]], dim=1)))  # nose
-    layers.append((_soft_ellipse(x, y, 0.04 * u[:, 28], 0.38 + 0.06 * u[:, 29], 0.12 + 0.12 * t[:, 30], 0.03 + 0.04 * t[:, 31], 8.0),
+    layers.append((_soft_ellipse(x, y, 0.04 * u[:, 28], 0.38 + 0.06 * u[:, 29], 0.12 + 0.12 * t[:, 30],
+                                 0.03 + 0.04 * t[:, 31], 8.0),
                    torch.stack([0.4 + 0.5 * t[:, 30], 0.15 + 0.2 * t[:, 29], 0.2 + 0.2 * t[:, 28]], dim=1)))  # mouth
     for mask, colour in layers:
         img = img * (1 - mask[:, None]) + colour[:, :, None, None] * mask[:, None]
@@ -193,7 +198,8 @@ def _render_faces(z: Tensor, size: int, background: Tensor) -> Tensor:
         freq = 3.0 + 5.0 * t[:, 8 + k]
         angle = math.pi * u[:, 2 + 7 * k]
         phase = math.pi * u[:, 9 + 11 * k]
-        wave = torch.sin(freq[:, None, None] * (x * torch.cos(angle)[:, None, None] + y * torch.sin(angle)[:, None, None])
+        wave = torch.sin(freq[:, None, None]
+                         * (x * torch.cos(angle)[:, None, None] + y * torch.sin(angle)[:, None, None])
                          * math.pi + phase[:, None, None])
         img = img + 0.06 * wave[:, None] * (col(3 + 10 * k) - 0.5)[:, :, None, None] * 2
     return img.clamp(0.0, 1.0)
@@ -239,7 +245,8 @@ def _apply_nuisances(face: Tensor, strength: Tensor, profile: Tensor, g: torch.G
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
     direction = torch.rand(n, generator=g) * 2 * math.pi
     slope = 0.25 * s_light * torch.rand(n, generator=g)
-    ramp = 1.0 + slope[:, None, None] * (xx * torch.cos(direction)[:, None, None] + yy * torch.sin(direction)[:, None, None])
+    ramp = 1.0 + slope[:, None, None] * (xx * torch.cos(direction)[:, None, None]
+                                         + yy * torch.sin(direction)[:, None, None])
     brightness = torch.exp(0.15 * s_light * r(n))
     img = img * (ramp * brightness[:, None, None])[:, None]
     gamma = torch.exp(0.15 * s_light * r(n))
