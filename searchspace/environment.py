@@ -15,6 +15,7 @@ OFFLINE_DEFAULTS: dict[str, str] = {
     "MLFLOW_DISABLE_TELEMETRY": "true",            # MLflow 3 telemetry
     "RAY_USAGE_STATS_ENABLED": "0",                # Ray usage stats
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no progress bars from artifact uploads in logs
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # no "View run ... at" line per ended run on stdout
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,13 @@ def spec_key(spec: MarginSpec) -> str:
 def storage_url(config: CampaignConfig) -> str:
     """The Optuna storage: the configured one, or sqlite:///<workdir>/optuna.db."""
     return config.search.storage or f"sqlite:///{config.workdir / 'optuna.db'}"
+
+
+def _progress_line(line: str) -> None:
+    """One line of progress on stdout that does not break a tqdm bar (tqdm.write)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
 
 
 def _epoch_metrics(report: Any) -> dict[str, float]:
@@ -79,6 +87,8 @@ class TrackedObjective:
         with trial:
             def on_epoch(epoch_report: Any) -> None:
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
+                _progress_line(f"    epoch {epoch_report.epoch}/{self.budget.epochs}: reward {epoch_report.reward:.4f}, "
+                               f"loss {epoch_report.train_loss:.3f}, {epoch_report.seconds:.1f} s")
                 if epoch_report.epoch >= self.budget.epochs:
                     trial.exit_state = "complete"  # Ray Tune ends a finished trial with SystemExit too
                 report(epoch_report.epoch, epoch_report.reward)
@@ -138,10 +148,12 @@ class CampaignResult:
             reward = "" if p.proxy_reward is None else f"{p.proxy_reward:.4f}"
             lines.append(f"| {p.label} | {p.named or '—'} | {reward} | {p.metrics.get(metric, math.nan):.4f} | "
                          f"{p.metrics.get('test/accuracy', math.nan):.4f} | v{p.version} | {p.gate_reason} |")
-        lines += ["", f"champion: {self.model_name} v{self.champion_version} ({self.champion_label})"
-                      if self.champion_version else "champion: none yet",
-                  f"load it:  mlflow.pytorch.load_model('models:/{self.model_name}@champion')",
-                  f"look:     {ui_command(self.tracking_uri)}"]
+        if self.champion_version:
+            lines += ["", f"champion: {self.model_name} v{self.champion_version} ({self.champion_label})",
+                      f"load it:  mlflow.pytorch.load_model('models:/{self.model_name}@champion')"]
+        else:
+            lines += ["", "champion: none (no promoted model passed the gate)"]
+        lines.append(f"look:     {ui_command(self.tracking_uri)}")
         return "\n".join(lines)
 
 

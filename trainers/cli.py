@@ -151,10 +151,20 @@ def strict_json(value: Any) -> str:
     return json.dumps(_finite_or_none(value), indent=1, allow_nan=False)
 
 
+def _log_line(line: str) -> None:
+    """A log line on stdout that keeps tqdm's progress bars (on stderr) intact in a terminal and a piped log."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def _print_epoch(report) -> None:
-    print(f"epoch {report.epoch}: loss {report.train_loss:.4f}  reward {report.reward:.4f}  "
-          f"acc {report.metrics.get('accuracy', float('nan')):.4f}  {report.images_per_second:.0f} img/s",
-          file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"epoch {report.epoch}: loss {report.train_loss:.4f}  reward {report.reward:.4f}  "
+               f"acc {report.metrics.get('accuracy', float('nan')):.4f}  {report.images_per_second:.0f} img/s",
+               file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -189,7 +199,7 @@ def _run_phases(args: argparse.Namespace, phases: tuple[str, ...]) -> int:
     if args.resume and args.new:
         raise UsageError("--resume and --new exclude each other")
     worker = bool(getattr(args, "worker", False))
-    result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=lambda line: print(line, flush=True))
+    result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=_log_line)
     if "promote" in phases:
         print("\n" + result.summary())
     else:

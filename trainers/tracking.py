@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
@@ -438,9 +439,11 @@ def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id:
         path = os.path.join(tmp, name)
         card = Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id,
                      artifact_path=logged.artifact_location)
-        mlflow.pytorch.save_model(model, path, signature=signature, input_example=example, mlflow_model=card,
-                                  pip_requirements=requirements, serialization_format="pt2",
-                                  metadata={"marginsearch": meta})
+        with warnings.catch_warnings():  # torch.export's note about tensors shared in a group: weights are on CPU here
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
+            mlflow.pytorch.save_model(model, path, signature=signature, input_example=example, mlflow_model=card,
+                                      pip_requirements=requirements, serialization_format="pt2",
+                                      metadata={"marginsearch": meta})
         client.log_model_artifacts(logged.model_id, path)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)

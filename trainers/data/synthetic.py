@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,6 +330,8 @@ def load_synthetic(preset_or_config: str | SyntheticConfig = "demo", cache_dir: 
             return _from_blob(cfg, blob)
         except Exception:  # a corrupt or partial cache entry is regenerated, never trusted
             pass
+    name = preset_or_config if isinstance(preset_or_config, str) else "custom"
+    print(f"generating synthetic:{name} once (cached in {path.parent})", file=sys.stderr, flush=True)
     bench = generate(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
