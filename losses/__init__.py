@@ -2,8 +2,8 @@
 
 torch and numpy only. Start with `named("arcface")` or a `MarginSpec`, then `MarginSoftmax`.
 """
-from .components import COMPONENTS, Component, register_component
 from .auxiliary import AUXILIARY, CenterLoss, DistributionDistillationLoss, IntraLoss, RangeLoss, build_auxiliary
+from .components import COMPONENTS, Component, register_component
 from .head import MarginSoftmax, target_logit_curve
 from .named import NAMED, NamedLoss, identify, named
 from .objective import WithAuxiliary

@@ -1,4 +1,5 @@
-"""`python -m marginsearch.losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their curves; `--fidelity` compares each with its official code."""
+"""`python -m marginsearch.losses`: list the named points (formula, defaults, citation); `--plot FILE` draws their
+curves; `--fidelity` compares each with its official code."""
 from __future__ import annotations
 
 import argparse

@@ -10,8 +10,8 @@ Combine with a head through `losses.WithAuxiliary`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,8 @@ class CenterLoss(nn.Module):
     over the batch; this is the batch mean, so its λ is the paper's λ times the batch size.
     """
 
+    centers: Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, num_classes: int, embedding_size: int, alpha: float = 0.5, normalize: bool = True) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -114,7 +116,8 @@ def _kl(p: Tensor, q: Tensor) -> Tensor:
 
 
 class DistributionDistillationLoss(nn.Module):
-    """Distribution Distillation Loss (Huang et al., arXiv 2002.03662): hard pairs learn the easy pairs' similarity distributions.
+    """Distribution Distillation Loss (Huang et al., arXiv 2002.03662): hard pairs learn the easy pairs' similarity
+    distributions.
 
     Pairs of the batch are split into a teacher (easy) and a student (hard) branch; the cosine
     similarities of positive and negative pairs of each branch become soft histograms (Gaussian
@@ -124,6 +127,8 @@ class DistributionDistillationLoss(nn.Module):
     without, positives below and negatives above their median similarity are the student.
     """
 
+    centres: Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, bins: int = 1000, bandwidth: float = 0.1, value_range: tuple[float, float] = (0.0, 1.0),
                  lambdas: tuple[float, float, float] = (0.1, 0.02, 0.5)) -> None:
         super().__init__()
@@ -131,7 +136,8 @@ class DistributionDistillationLoss(nn.Module):
             raise ValueError(f"DDL needs bins ≥ 2, bandwidth > 0 and an increasing value_range, "
                              f"got {bins}, {bandwidth}, {value_range}")
         self.bandwidth, self.lambdas = bandwidth, tuple(float(v) for v in lambdas)
-        self.register_buffer("centres", torch.linspace(value_range[0], value_range[1], bins, dtype=torch.float64), persistent=False)
+        self.register_buffer("centres", torch.linspace(value_range[0], value_range[1], bins, dtype=torch.float64),
+                             persistent=False)
 
     def forward(self, embeddings: Tensor, labels: Tensor, hard: Tensor | None = None) -> Tensor:
         x = F.normalize(embeddings, dim=1, eps=_EPS)
@@ -172,7 +178,8 @@ def _median_split(s: Tensor, mask: Tensor, low_is_hard: bool) -> tuple[Tensor, T
 
 
 class IntraLoss(nn.Module):
-    """Interpretation of IntraLoss (arXiv 2107.03352, only the abstract is public): shrink each class along its most spread direction.
+    """Interpretation of IntraLoss (arXiv 2107.03352, only the abstract is public): shrink each class along its most
+    spread direction.
 
     For every class with ≥ 2 samples in the batch: the variance of its normalised embeddings
     along the class's top `directions` principal axes (found without gradient), relative to

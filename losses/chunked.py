@@ -76,7 +76,8 @@ def _chunk_logits(x_unit: Tensor, weight: Tensor, inv: Tensor, scale: Tensor, la
 
 
 def block_classes(batch: int, num_classes: int, device: torch.device) -> int:
-    """Classes per block of work: [B, N] float32 blocks of about `BLOCK_ELEMENTS` on CPU (cache-resident), all C on other devices."""
+    """Classes per block of work: [B, N] float32 blocks of about `BLOCK_ELEMENTS` on CPU (cache-resident), all C on
+    other devices."""
     if device.type != "cpu":
         return num_classes
     return max(MIN_BLOCK, BLOCK_ELEMENTS // max(1, batch))

@@ -1,4 +1,5 @@
-"""`MarginsearchError`: the one base class of every error that means bad input (a spec, a space, a config, data, a store).
+"""`MarginsearchError`: the one base class of every error that means bad input (a spec, a space, a config, data,
+a store).
 
 The command line catches this class alone and prints its one line with exit code 2; any other
 exception is a bug and keeps its traceback. It subclasses ValueError, so code written against the

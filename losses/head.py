@@ -19,7 +19,7 @@ eval uses every class). `logits()` always materialises all C classes, whatever t
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ __all__ = ["MarginSoftmax", "target_logit_curve", "margin_loss"]
 
 
 def margin_loss(z_y: Tensor, lse_neg: Tensor, a: Tensor | None) -> Tensor:
-    """Mean −log p_m from the scaled target logit and the negatives' log-sum-exp; a modulating factor a shifts the target (arXiv 2007.06542 Eq. 8)."""
+    """Mean −log p_m from the scaled target logit and the negatives' log-sum-exp; a modulating factor a shifts the
+    target (arXiv 2007.06542 Eq. 8)."""
     if a is not None:
         with torch.no_grad():
             p = torch.exp(z_y - torch.logaddexp(lse_neg, z_y))
@@ -105,7 +106,8 @@ class MarginSoftmax(nn.Module):
             return margin_loss(scale * plan.f(cos_y), lse_neg, plan.a) + plan.extra
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Final scaled logits [B, C] over all classes: `F.cross_entropy(logits, labels)` is the loss when the spec adds no regulariser."""
+        """Final scaled logits [B, C] over all classes: `F.cross_entropy(logits, labels)` is the loss when the spec
+        adds no regulariser."""
         x, w, labels = self._checked_inputs(embeddings, labels)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_unit, norms = self._unit(x)
@@ -136,7 +138,8 @@ class MarginSoftmax(nn.Module):
         K.end_epoch(self, self.parts)
 
     def summed_buffers(self) -> tuple[str, ...]:
-        """Names of this head's buffers that are per-rank sums: a data-parallel trainer all-reduces them without averaging."""
+        """Names of this head's buffers that are per-rank sums: a data-parallel trainer all-reduces them without
+        averaging."""
         return K.summed_buffers(self.parts)
 
     # ------------------------------------------------------------------ the pipeline
@@ -147,16 +150,19 @@ class MarginSoftmax(nn.Module):
         return embeddings.to(dtype), self.weight.to(dtype)
 
     def _checked_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings and centres in float32 or wider, and the labels as int64, after checking their shapes and range."""
+        """Embeddings and centres in float32 or wider, and the labels as int64, after checking their shapes and
+        range."""
         x, w = self._compute_inputs(embeddings)
         self._check_labels(labels, x.shape[0])
         return x, w, labels.long()
 
     def _check_labels(self, labels: Tensor, batch: int) -> None:
         if labels.shape != (batch,) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be an integer tensor of shape [{batch}], got {labels.dtype} {list(labels.shape)}")
+            raise ValueError(f"labels must be an integer tensor of shape [{batch}], "
+                             f"got {labels.dtype} {list(labels.shape)}")
         if batch and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
 
     @staticmethod
     def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,7 +187,8 @@ def target_logit_curve(spec: MarginSpec, theta_rad: Tensor, feature_norm: float 
     head = MarginSoftmax(spec, 3, 2).double().eval()
     for part in head.parts.values():
         feature_norm = part.for_curve(head, feature_norm)
-    feature_norm = 1.0 if feature_norm is None else feature_norm  # annealed: λ = lambda_min, the curve SphereFace trains towards
+    # annealed: λ = lambda_min, the curve SphereFace trains towards
+    feature_norm = 1.0 if feature_norm is None else feature_norm
     head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
     theta = theta_rad.double()
     x = feature_norm * torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)], dim=1)

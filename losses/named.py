@@ -10,8 +10,9 @@ commit read in `losses.fidelity`. `named(name,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .spec import (
     AdaFaceMargin,
@@ -54,7 +55,8 @@ def _easy(easy_margin: bool) -> str:
 
 
 def _mv(p: Mapping[str, Any], target: AngularMargin, rule: str, t: float) -> MarginSpec:
-    return MarginSpec(s=p["s"], target=target, negative=NegativeTransform(rule=rule, t=t, mask_against=p["mask_against"]))
+    return MarginSpec(s=p["s"], target=target,
+                      negative=NegativeTransform(rule=rule, t=t, mask_against=p["mask_against"]))
 
 
 def _sv_t(t_sv: float) -> float:
@@ -78,7 +80,8 @@ def _am_lfs(p: Mapping[str, Any]) -> PiecewiseLinear:
     slopes = (1.0,) * n if p["slopes"] is None else tuple(p["slopes"])
     intercepts = (0.0,) * n if p["intercepts"] is None else tuple(p["intercepts"])
     if len(slopes) != n or len(intercepts) != n:
-        raise SpecError(f"slopes/intercepts: need {n} values each (intervals={n}), got {len(slopes)} and {len(intercepts)}")
+        raise SpecError(f"slopes/intercepts: need {n} values each (intervals={n}), "
+                        f"got {len(slopes)} and {len(intercepts)}")
     return PiecewiseLinear(slopes=slopes, intercepts=intercepts)
 
 
@@ -99,7 +102,8 @@ NAMED: dict[str, NamedLoss] = {
         lambda p: MarginSpec(s=p["s"], target=AngularMargin(m2_rad=p["m"], guard=p["guard"],
                                                              straight_through=p["straight_through"])),
         units={"m": "radians"},
-        note="defaults: the paper's MXNet code; straight_through=True, guard='none' is insightface's current torch head"),
+        note="defaults: the paper's MXNet code; "
+             "straight_through=True, guard='none' is insightface's current torch head"),
     "combined": NamedLoss(
         "Deng et al., ArcFace, CVPR 2019, arXiv:1801.07698, Sec. 2.3 (insightface combined margin)",
         "s·(cos(m1·θ_y + m2) − m3)",

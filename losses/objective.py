@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
@@ -12,7 +12,8 @@ __all__ = ["WithAuxiliary"]
 
 
 class WithAuxiliary(nn.Module):
-    """loss = head(x, y) + Σ_k weight_k · aux_k(x, y) (Range loss arXiv 1611.08976 adds its term so, as do Center loss and DDL).
+    """loss = head(x, y) + Σ_k weight_k · aux_k(x, y) (Range loss arXiv 1611.08976 adds its term so, as do Center
+    loss and DDL).
 
     Auxiliary modules take the same un-normalised embeddings and labels; keyword batch fields
     (e.g. `hard` sample flags for DDL) reach only the modules whose forward names them.

@@ -24,7 +24,7 @@ whose `sharded` is False (KappaFace, MagFace) and a learnable scale.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -94,7 +94,8 @@ class _SumOverRanks(torch.autograd.Function):
 
 
 class _DistributedLogSumExp(torch.autograd.Function):
-    """Row log-sum-exp over the classes of every rank from local logits [N, C_r] (−inf allowed): max, then sum of exp."""
+    """Row log-sum-exp over the classes of every rank from local logits [N, C_r] (−inf allowed): max, then sum of
+    exp."""
 
     @staticmethod
     def forward(ctx, z: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -168,7 +169,8 @@ class ShardedMarginSoftmax(nn.Module):
             norms, _ = _gather_rows(local_norms.detach(), self.group)
             labels, _ = _gather_rows(labels.long(), self.group)
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), "
+                                 f"got [{int(labels.min())}, {int(labels.max())}]")
             lo, hi = self.bounds
             owned = (labels >= lo) & (labels < hi)
             rows = owned.nonzero().squeeze(1)

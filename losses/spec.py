@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Union
+from typing import Any, ClassVar
 
 from .errors import MarginsearchError
 
@@ -46,7 +47,8 @@ def _finite(value: float, where: str) -> None:
 GUARDS: dict[str, str] = {
     "fallback": "where m1·θ + m2 > π use cos θ − m2·sin(m2) − m3 (insightface ArcFace)",
     "easy": "apply the angular part only where cos θ > 0, else cos θ − m3 (easy margin)",
-    "easy-all": "no margin at all where cos θ ≤ 0: cos θ there, cos(m1·θ + m2) − m3 elsewhere (MV-Softmax's official AM easy_margin)",
+    "easy-all": "no margin at all where cos θ ≤ 0: cos θ there, cos(m1·θ + m2) − m3 elsewhere "
+                "(MV-Softmax's official AM easy_margin)",
     "clip": "clip m1·θ + m2 to [ε, π − ε], ε = 1e-3 rad (AdaFace)",
     "none": "no guard: cos(m1·θ + m2) − m3 everywhere (non-monotone past π; mxnet combined margin)",
 }
@@ -62,7 +64,8 @@ class AngularMargin:
     m3_cos: float = 0.0      # additive cosine margin, cosine units (CosFace m)
     guard: str = "fallback"  # one of GUARDS
     straight_through: bool = False  # insightface torch: margin applied without its gradient
-    cos_clamp: float = 0.0   # cosine units: clamp every cosine (target and negatives) to ±(1 − cos_clamp) first (AdaFace 1e-3)
+    # cosine units: clamp every cosine (target and negatives) to ±(1 − cos_clamp) first (AdaFace 1e-3)
+    cos_clamp: float = 0.0
 
     def validate(self, where: str) -> None:
         _finite(self.m1, f"{where}.m1")
@@ -77,7 +80,8 @@ class AngularMargin:
                f"unknown guard {self.guard!r}; choose one of {sorted(GUARDS)}")
         _check(isinstance(self.straight_through, bool), f"{where}.straight_through", "must be a bool")
         _finite(self.cos_clamp, f"{where}.cos_clamp")
-        _check(0.0 <= self.cos_clamp < 1.0, f"{where}.cos_clamp", f"must be in [0, 1) cosine units, got {self.cos_clamp}")
+        _check(0.0 <= self.cos_clamp < 1.0, f"{where}.cos_clamp",
+               f"must be in [0, 1) cosine units, got {self.cos_clamp}")
 
 
 LAMBDA_STEPS = ("previous", "current")
@@ -113,7 +117,8 @@ class SphereFacePsi:
 
 @dataclass(frozen=True)
 class PiecewiseLinear:
-    """Target f(c) = slopes[i]·c + intercepts[i] on the i-th of n equal intervals of c ∈ [−1, 1] (AM-LFS, arXiv 1905.07375)."""
+    """Target f(c) = slopes[i]·c + intercepts[i] on the i-th of n equal intervals of c ∈ [−1, 1] (AM-LFS,
+    arXiv 1905.07375)."""
 
     kind: ClassVar[str] = "piecewise"
     slopes: tuple[float, ...] = (1.0,) * 6
@@ -133,7 +138,8 @@ class PiecewiseLinear:
 
 @dataclass(frozen=True)
 class ProbabilityModulation:
-    """Modulating factor a ≤ 0: p_m = p/(a·p + 1 − a), a target-logit shift of −log(1 − a) (Search-Softmax, arXiv 2007.06542 Eq. 8).
+    """Modulating factor a ≤ 0: p_m = p/(a·p + 1 − a), a target-logit shift of −log(1 − a) (Search-Softmax,
+    arXiv 2007.06542 Eq. 8).
 
     One value of a is the global space (a constant a equals CosFace with m = log(1 − a)/s);
     n values are the local space: a[i] applies where the target probability p falls in the i-th
@@ -155,7 +161,8 @@ class ProbabilityModulation:
 
 @dataclass(frozen=True)
 class RandomModulation:
-    """Random-Softmax (arXiv 2007.06542): each training step draws x ~ N(0, sigma), a = −|x|·e^{s/3}; eval uses E|x| = sigma·√(2/π)."""
+    """Random-Softmax (arXiv 2007.06542): each training step draws x ~ N(0, sigma), a = −|x|·e^{s/3}; eval uses
+    E|x| = sigma·√(2/π)."""
 
     kind: ClassVar[str] = "random"
     sigma: float = 0.2
@@ -271,7 +278,8 @@ class AdaFaceMargin:
 
 @dataclass(frozen=True)
 class MagFaceMargin:
-    """MagFace (arXiv 2103.06627): adds m(a) radians to m2, a = clamp(|x|, l_a, u_a), m linear from l_m to u_m; loss += lambda_g·mean(a/u_a² + 1/a)."""
+    """MagFace (arXiv 2103.06627): adds m(a) radians to m2, a = clamp(|x|, l_a, u_a), m linear from l_m to u_m;
+    loss += lambda_g·mean(a/u_a² + 1/a)."""
 
     kind: ClassVar[str] = "magface"
     l_a: float = 10.0
@@ -289,9 +297,9 @@ class MagFaceMargin:
         _check(self.lambda_g >= 0, f"{where}.lambda_g", f"must be ≥ 0, got {self.lambda_g}")
 
 
-TargetTransform = Union[AngularMargin, SphereFacePsi, PiecewiseLinear]
-Modulation = Union[ProbabilityModulation, RandomModulation]
-SampleMargin = Union[ElasticMargin, AdaFaceMargin, MagFaceMargin]
+TargetTransform = AngularMargin | SphereFacePsi | PiecewiseLinear
+Modulation = ProbabilityModulation | RandomModulation
+SampleMargin = ElasticMargin | AdaFaceMargin | MagFaceMargin
 
 # Which component types each slot of a MarginSpec accepts, by their `kind` (data, not code paths).
 SLOTS: dict[str, dict[str, type]] = {

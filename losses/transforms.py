@@ -6,7 +6,7 @@ Nothing here owns state or parameters, so the same code serves a full, class-chu
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -93,7 +93,8 @@ def sphereface_lambda(step: int, base: float, gamma: float, power: float, lambda
 
 
 def sphereface_target(cos_y: Tensor, m: int, lam: float) -> Tensor:
-    """f = (ψ(θ) + λ cos θ)/(1 + λ), ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m] (SphereFace, arXiv 1704.08063)."""
+    """f = (ψ(θ) + λ cos θ)/(1 + λ), ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m] (SphereFace,
+    arXiv 1704.08063)."""
     c = cos_y.clamp(-1.0, 1.0)
     with torch.no_grad():
         k = torch.floor(m * angle(c) / math.pi).clamp(0, m - 1)
@@ -137,7 +138,8 @@ def insert_target(cos: Tensor, labels: Tensor, f: Tensor) -> Tensor:
 
 def transform_negatives(cos: Tensor, labels: Tensor, f: Tensor, rule: str, t: Tensor | float,
                         threshold: Tensor | None = None) -> Tensor:
-    """Apply the rule g to mis-classified negatives (cos θ_j > threshold, default f(θ_y); j ≠ y); the target column is f."""
+    """Apply the rule g to mis-classified negatives (cos θ_j > threshold, default f(θ_y); j ≠ y); the target column
+    is f."""
     hard = cos > (f.detach() if threshold is None else threshold)[:, None]
     hard.scatter_(1, labels[:, None], False)
     out = torch.where(hard, NEGATIVE_RULE_FNS[rule](cos, t), cos)
@@ -145,7 +147,8 @@ def transform_negatives(cos: Tensor, labels: Tensor, f: Tensor, rule: str, t: Te
 
 
 def modulation_shift(z: Tensor, labels: Tensor, a: Tensor) -> Tensor:
-    """−log(1 − a) per sample: the target-logit shift equal to p → p/(a·p + 1 − a) (Search-Softmax, arXiv 2007.06542 Eq. 8).
+    """−log(1 − a) per sample: the target-logit shift equal to p → p/(a·p + 1 − a) (Search-Softmax,
+    arXiv 2007.06542 Eq. 8).
 
     `a` holds one value (global) or n values, one per equal bin of the target probability
     p ∈ [0, 1] of the unshifted scaled logits `z` (p taken without gradient).
@@ -158,7 +161,8 @@ def modulation_shift(z: Tensor, labels: Tensor, a: Tensor) -> Tensor:
 
 
 def probability_shift(p: Tensor, a: Tensor) -> Tensor:
-    """−log(1 − a) per sample from the target probabilities p [B] (no gradient): a[i] of p's bin of n equal bins of [0, 1]."""
+    """−log(1 − a) per sample from the target probabilities p [B] (no gradient): a[i] of p's bin of n equal bins of
+    [0, 1]."""
     if a.numel() == 1:
         return torch.log1p(-a).expand(p.shape[0])
     idx = torch.floor(p.detach() * a.numel()).long().clamp(0, a.numel() - 1)
@@ -205,7 +209,8 @@ def adaface_offsets(norms: Tensor, mean: Tensor, std: Tensor, m: float, h: float
 
 
 def magface_margin(norms: Tensor, l_a: float, u_a: float, l_m: float, u_m: float) -> Tensor:
-    """m(a) in radians, linear from l_m at a = l_a to u_m at a = u_a, a = clamp(|x|, l_a, u_a) (MagFace, arXiv 2103.06627)."""
+    """m(a) in radians, linear from l_m at a = l_a to u_m at a = u_a, a = clamp(|x|, l_a, u_a) (MagFace,
+    arXiv 2103.06627)."""
     a = norms.clamp(l_a, u_a)
     return (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
 

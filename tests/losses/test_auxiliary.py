@@ -230,7 +230,8 @@ def test_gradcheck_float64(name):
 
         def fn(v):
             full = torch.empty_like(x, dtype=v.dtype)
-            full = full.index_put((torch.nonzero(~hard).squeeze(1),), easy).index_put((torch.nonzero(hard).squeeze(1),), v)
+            full = full.index_put((torch.nonzero(~hard).squeeze(1),), easy).index_put(
+                (torch.nonzero(hard).squeeze(1),), v)
             return module(full, y, hard=hard)
         assert torch.autograd.gradcheck(fn, (x.detach()[hard].requires_grad_(True),), eps=1e-6, atol=1e-6)
         return

@@ -196,4 +196,5 @@ def test_readme_table_is_the_generated_one(capsys):
     generated = capsys.readouterr().out.strip().splitlines()[2:]
     readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text(encoding="utf-8")
     missing = [row for row in generated if row not in readme]
-    assert not missing, f"README's named-point table is stale; regenerate with `python -m marginsearch.losses --markdown`: {missing[:1]}"
+    assert not missing, ("README's named-point table is stale; "
+                         f"regenerate with `python -m marginsearch.losses --markdown`: {missing[:1]}")
