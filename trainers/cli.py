@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -151,6 +152,19 @@ def strict_json(value: Any) -> str:
     return json.dumps(_finite_or_none(value), indent=1, allow_nan=False)
 
 
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _log_line(self.format(record))
+
+
+def _log_to_stdout() -> None:
+    """marginsearch's INFO log records (data generation, ...) as campaign log lines on stdout."""
+    logger = logging.getLogger("marginsearch")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+        logger.setLevel(logging.INFO)
+
+
 def _log_line(line: str) -> None:
     """A log line on stdout that keeps tqdm's progress bars (on stderr) intact in a terminal and a piped log."""
     from tqdm.auto import tqdm
@@ -198,6 +212,7 @@ def _run_phases(args: argparse.Namespace, phases: tuple[str, ...]) -> int:
     config = _campaign_config(args)
     if args.resume and args.new:
         raise UsageError("--resume and --new exclude each other")
+    _log_to_stdout()
     worker = bool(getattr(args, "worker", False))
     result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=_log_line)
     if "promote" in phases:

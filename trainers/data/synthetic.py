@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,7 +331,7 @@ def load_synthetic(preset_or_config: str | SyntheticConfig = "demo", cache_dir: 
         except Exception:  # a corrupt or partial cache entry is regenerated, never trusted
             pass
     name = preset_or_config if isinstance(preset_or_config, str) else "custom"
-    print(f"generating synthetic:{name} once (cached in {path.parent})", file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info("generating synthetic:%s once (cached in %s)", name, path.parent)
     bench = generate(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
