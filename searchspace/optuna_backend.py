@@ -2,20 +2,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from ._study import PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
 from .options import SearchPlan
-from .results import (Objective, SearchResult, TrialContext, TrialFailed, end_trial_context, row_of, rows_of,
-                      store_spec, trial_context)
+from .results import (
+    Objective,
+    SearchResult,
+    TrialContext,
+    TrialFailed,
+    TrialRow,
+    end_trial_context,
+    row_of,
+    rows_of,
+    store_spec,
+    trial_context,
+)
 from .space import SearchSpace
 
 __all__ = ["run_optuna", "optuna_objective"]
 
 
 def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optuna.Trial], float]:
-    """Wrap `objective(spec, report)` as an Optuna objective: suggest, build and store the spec, report, record failures."""
+    """Wrap `objective(spec, report)` as an Optuna objective: suggest, build and store the spec, report, record
+    failures."""
 
     def run(trial: optuna.Trial) -> float:
         spec = space.to_spec(space.suggest(trial))
@@ -39,11 +52,17 @@ def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optu
 
 
 def _taken(study: optuna.Study) -> int:
-    """Trials finished or running in any process: a worker stops once they make up n_trials, so N workers do not overshoot.
+    """Trials finished or running in any process: a worker stops once they make up n_trials, so N workers do not
+    overshoot.
 
     A RUNNING trial of a process that died counts until its heartbeat goes stale; the next run retries it.
     """
     return finished_count(study) + len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def _row_hook(cb: Callable[[TrialRow], Any], space: SearchSpace) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """An Optuna study callback that hands `cb` the finished trial's row."""
+    return lambda st, trial: cb(row_of(trial, space))
 
 
 def run_optuna(plan: SearchPlan) -> SearchResult:
@@ -51,7 +70,7 @@ def run_optuna(plan: SearchPlan) -> SearchResult:
     study, _ = open_study(plan.study.storage, plan.study.name, plan.sampler, PRUNERS[plan.pruner](), plan.study.resume)
     enqueue_baselines(study, plan.space, plan.baselines)
     remaining = plan.n_trials - finished_count(study)
-    hooks = [lambda st, trial, cb=cb: cb(row_of(trial, plan.space)) for cb in plan.callbacks]
+    hooks = [_row_hook(cb, plan.space) for cb in plan.callbacks]
     hooks.append(lambda st, trial: st.stop() if _taken(st) >= plan.n_trials else None)
     if remaining > 0:
         study.optimize(optuna_objective(plan.space, plan.objective), n_trials=remaining, catch=(TrialFailed,),

@@ -28,7 +28,8 @@ Objective = Callable[[Any, Callable[[int, float], None]], float]
 
 @dataclass(frozen=True)
 class TrialContext:
-    """The Optuna trial an objective call belongs to, for objectives that record it elsewhere (MLflow run names, links)."""
+    """The Optuna trial an objective call belongs to, for objectives that record it elsewhere (MLflow run names,
+    links)."""
 
     number: int
     study_name: str
