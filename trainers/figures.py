@@ -6,7 +6,8 @@ nothing to draw; `trainers.tracking` logs them as PNG artifacts of the campaign'
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["search_history", "parameter_importance", "policy_trajectory"]
 
@@ -20,7 +21,8 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 
 def search_history(rows: Sequence[Any], title: str = "search history") -> Any:
-    """Reward of each finished trial (baselines marked, pruned trials at their last reward) and the best so far, against trial number."""
+    """Reward of each finished trial (baselines marked, pruned trials at their last reward) and the best so far,
+    against trial number."""
     from matplotlib.ticker import MaxNLocator
 
     scored = [r for r in rows if r.reward is not None and math.isfinite(r.reward)]
@@ -57,7 +59,8 @@ IMPORTANCE_MIN_TRIALS = 16  # fewer complete trials give importances that are mo
 
 
 def parameter_importance(study: Any) -> Any:
-    """Optuna's parameter importances (its default evaluator) as a bar chart, with the trial count; None under 16 complete trials."""
+    """Optuna's parameter importances (its default evaluator) as a bar chart, with the trial count; None under 16
+    complete trials."""
     import optuna
 
     complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
