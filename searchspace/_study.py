@@ -24,9 +24,10 @@ from .space import SearchSpace, baseline_spec
 
 __all__ = ["SearchError", "PRUNERS", "STORAGE_KINDS", "HEARTBEAT_S", "ABANDONED_RETRIES", "make_storage",
            "open_study", "baseline_params", "enqueue_baselines", "checked_reward", "finished_count",
-           "record_failure", "retry_abandoned", "retried_numbers", "PopulationObjective", "Outcome", "RoundRunner",
+           "record_failure", "retry_abandoned", "retried_numbers", "INTERRUPTED", "PopulationObjective", "Outcome", "RoundRunner",
            "run_candidate"]
 
+INTERRUPTED = "abandoned: interrupted"  # fail_reason of a trial stopped by SIGINT/SIGTERM: retried on resume
 HEARTBEAT_S = 30
 ABANDONED_RETRIES = 3  # how often a coordinator re-runs a trial whose process was killed before giving up on it
 
@@ -176,6 +177,13 @@ def retry_abandoned(study: optuna.Study, reason: str, max_retry: int = ABANDONED
                     retry(study, failed_trial)  # the retry inherits params and attrs, not the reason
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # it finished meanwhile
+    retried = retried_numbers(study.get_trials(deepcopy=False))
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.user_attrs.get(FAIL_REASON, "").startswith(INTERRUPTED) and trial.number not in retried:
+            with warnings.catch_warnings():  # interrupted (SIGINT/SIGTERM): as resumable as a kill
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry(study, storage.get_trial(trial._trial_id))
+            failed.append(trial.number)
     return failed
 
 

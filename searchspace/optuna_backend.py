@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ._study import PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
+from ._study import INTERRUPTED, PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
 from .options import SearchPlan
 from .results import (
     Objective,
@@ -45,6 +45,9 @@ def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optu
         except TrialFailed as exc:
             record_failure(trial.set_user_attr, exc.reason)
             raise TrialFailed(exc.reason) from None
+        except KeyboardInterrupt:  # Optuna fails the trial; the reason makes a resume retry it, as after a kill
+            record_failure(trial.set_user_attr, f"{INTERRUPTED} (SIGINT or SIGTERM) during the trial")
+            raise
         finally:
             end_trial_context(token)
 

@@ -411,6 +411,10 @@ def _load_file(path: Path, loading: tuple[Path, ...]) -> SearchSpace:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise SpaceError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpaceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise SpaceError(f"{path}: cannot be read ({exc.strerror})") from None
     where = str(path)
     _no_unknown(data, {"name", "description", "fixed", "fixed_when", "param", "union"}, where)
     name = data.get("name", path.stem)

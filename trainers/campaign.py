@@ -30,6 +30,7 @@ from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
+from .stores import check_sqlite_file, check_workdir, sqlite_path
 from .tracking import (MLFLOW_RUN_ATTR, OPTUNA_STORAGE_TAG, OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG, TAG, CampaignTracker,
                        check_tracking_uri, figure_files, resolve_tracking_uri)
 from .train import train
@@ -406,9 +407,13 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `log`; failures keep their reason
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(config.workdir)             # the places first: nothing is written before they are known good
     uri = resolve_tracking_uri(config.tracking.uri or None, config.workdir)
     check_tracking_uri(uri)
+    for store, what in ((uri, "MLflow store"), (storage_url(config), "Optuna storage")):
+        if (path := sqlite_path(store)) is not None:
+            check_sqlite_file(path, what)
+    config.workdir.mkdir(parents=True, exist_ok=True)
     _check_inputs(config)                     # fail fast on bad input before any store is touched
     tracker = CampaignTracker(uri, config.experiment)
     key, parent = _open_campaign(config, tracker, new, log, joining=worker)

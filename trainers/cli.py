@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +31,14 @@ from marginsearch.losses.errors import MarginsearchError
 from .faults import install_from_environment
 
 __all__ = ["main", "parse_assignments", "COMMANDS"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class UsageError(MarginsearchError):
@@ -340,18 +349,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     install_from_environment()  # MARGINSEARCH_FAULT=<point>:<n>: the kill-and-resume tests' one seam
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends like Ctrl-C: trial retryable, runs KILLED
     try:
         return COMMANDS[args.command](args)
     except MarginsearchError as exc:  # bad input (SpecError, ConfigError, DataError, ...); anything else is a bug
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"marginsearch {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"marginsearch {args.command}: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"marginsearch {args.command}: interrupted", file=sys.stderr)
+        print(f"marginsearch {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `marginsearch losses | head`: the reader went away; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,7 +52,8 @@ class TrackingError(MarginsearchError):
 STATES: dict[str, str] = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "abandoned": "KILLED"}
 
 # Exceptions that end a trial run in a state other than "failed", by qualified class name (no imports).
-STOP_EXCEPTIONS: dict[str, str] = {"optuna.exceptions.TrialPruned": "pruned"}
+STOP_EXCEPTIONS: dict[str, str] = {"optuna.exceptions.TrialPruned": "pruned",
+                                   "builtins.KeyboardInterrupt": "abandoned"}  # SIGINT / SIGTERM: KILLED, retried
 
 TAG = "marginsearch."          # prefix of every tag this module writes
 PARENT_TAG = "mlflow.parentRunId"
@@ -462,8 +463,14 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Mod
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    from .stores import check_sqlite_file, sqlite_path
+
     store = resolve_tracking_uri(tracking_uri, Path.cwd())
     check_tracking_uri(store)
+    if (path := sqlite_path(store)) is not None:
+        if not path.is_file():
+            raise TrackingError(f"{uri}: the MLflow store {path} does not exist (pass --tracking-uri)")
+        check_sqlite_file(path, "MLflow store")
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
     try:
