@@ -29,7 +29,7 @@ from marginsearch.losses import MarginSpec  # noqa: E402
 
 from ._study import Outcome, PopulationObjective, RoundRunner, run_candidate  # noqa: E402
 from .options import RayOptions  # noqa: E402
-from .ray_backend import ray_resources  # noqa: E402
+from .ray_backend import connect_ray, ray_resources  # noqa: E402
 from .results import FAIL_REASON  # noqa: E402
 
 __all__ = ["ray_rounds", "STATE_FILE"]
@@ -71,11 +71,7 @@ def _outcome(result: Any) -> Outcome:
 @contextmanager
 def ray_rounds(objective: PopulationObjective, study_name: str, ray_options: RayOptions) -> Iterator[RoundRunner]:
     """A round runner on Ray Tune for a whole population run (Ray started here unless running, and then shut down)."""
-    started = not ray.is_initialized()
-    if started:
-        # ray annotates logging_level as int; it hands it to Logger.setLevel, which takes a level name too
-        ray.init(address=ray_options.address, include_dashboard=False,
-                 logging_level="WARNING")  # type: ignore[arg-type]
+    started = connect_ray(ray_options.address)  # a refused token or no cluster: one SearchError line
     try:
         resources, concurrent = ray_resources(ray_options.resources_per_trial, ray_options.max_concurrent)
 

@@ -112,6 +112,11 @@ class _Policy:
         return e / e.sum()
 
 
+def _single_objective(study: optuna.Study) -> None:
+    if len(study.directions) > 1:
+        raise ValueError("RewardGuidedSampler is single-objective: its REINFORCE reward is one value per trial")
+
+
 class RewardGuidedSampler(BaseSampler):
     """REINFORCE over a Gaussian / softmax policy per parameter, in rounds of `population` trials (see module doc)."""
 
@@ -140,6 +145,7 @@ class RewardGuidedSampler(BaseSampler):
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        _single_objective(study)
         return {}
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -147,6 +153,7 @@ class RewardGuidedSampler(BaseSampler):
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
+        _single_objective(study)
         k = trial.number // self.population
         policy = self._policy_before(study, k)
         self._ensure(policy, param_name, param_distribution)

@@ -10,10 +10,8 @@ parametrisation):
   Gaussian or softmax); its relative search space is always empty and `sample_relative` returns {}.
   `test_trial_relative_params` (lazy relative sampling, also with 2 threads) applies and runs.
 - `MultiObjectiveSamplerTestCase`: the REINFORCE reward is one number per trial.
-The single-objective contract (`SingleOnlySamplerTestCase`) applies but is not met: it wants a
-ValueError in a multi-objective study, the sampler raises Optuna's RuntimeError from
-`study.direction`. It is a strict xfail, so the sampler meeting it makes this module fail until
-the marker goes.
+The single-objective contract (`SingleOnlySamplerTestCase`) applies and is met: the sampler
+refuses a multi-objective study with a ValueError.
 """
 from __future__ import annotations
 
@@ -72,8 +70,5 @@ class TestMultiObjectiveContract(_Sampler, MultiObjectiveSamplerTestCase):
     def test_multi_objective_sample_independent(self) -> None: ...
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="in a multi-objective study the sampler raises Optuna's RuntimeError from study.direction, "
-                          "not the ValueError the single-objective contract asks for")
 class TestSingleOnlyContract(_Sampler, SingleOnlySamplerTestCase):
     """A single-objective sampler must refuse a multi-objective study with ValueError."""
