@@ -24,8 +24,8 @@ from .space import SearchSpace, baseline_spec
 
 __all__ = ["SearchError", "PRUNERS", "STORAGE_KINDS", "HEARTBEAT_S", "ABANDONED_RETRIES", "make_storage",
            "open_study", "baseline_params", "enqueue_baselines", "checked_reward", "finished_count",
-           "record_failure", "retry_abandoned", "retried_numbers", "INTERRUPTED", "PopulationObjective", "Outcome", "RoundRunner",
-           "run_candidate"]
+           "record_failure", "retry_abandoned", "retried_numbers", "INTERRUPTED", "PopulationObjective", "Outcome",
+           "RoundRunner", "run_candidate"]
 
 INTERRUPTED = "abandoned: interrupted"  # fail_reason of a trial stopped by SIGINT/SIGTERM: retried on resume
 HEARTBEAT_S = 30

@@ -1,4 +1,5 @@
-"""Broken places and interrupts through the CLI: one line, exit 2 (or 130/143), nothing recorded changes, a resume retries.
+"""Broken places and interrupts through the CLI: one line, exit 2 (or 130/143), nothing recorded changes, a resume
+retries.
 
 Stores: a working directory that is a file, a corrupt or truncated mlflow.db / optuna.db (and a
 models:/ URI against such a store), a space file that is not UTF-8. Interrupts: SIGINT or SIGTERM
