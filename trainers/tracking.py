@@ -243,7 +243,8 @@ class CampaignTracker:
         check_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
-        self.client = mlflow.MlflowClient(tracking_uri)
+        # the registry lives in the same store: never the process-wide registry URI another caller may have set
+        self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
         self.experiment_id = self._experiment_id()
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:

@@ -152,3 +152,28 @@ def test_the_ray_backend_records_every_trial_once(tmp_path, monkeypatch):
     assert len({r.data.tags[f"{TAG}trial_key"] for r in trials}) == 4
     assert all(r.info.status != "RUNNING" for r in trials)
     assert all(r.data.tags[f"{TAG}state"] in ("complete", "pruned") for r in trials)
+
+
+def test_the_record_links_optuna_and_mlflow_both_ways_and_reads_on_its_own(campaigns):
+    import optuna
+
+    _, first, _, _, _ = campaigns
+    client = MlflowClient(first.tracking_uri)
+    trial_runs = [r for r in _children(client, first) if r.data.tags.get(f"{TAG}kind") == "trial"]
+    study = first.search.study
+    by_number = {t.number: t for t in study.get_trials()}
+    assert trial_runs and study.user_attrs["mlflow_parent_run_id"] == first.parent_run_id
+    for run in trial_runs:
+        number = int(run.data.tags["optuna.trial_number"])
+        assert run.data.tags["optuna.study"] == first.key
+        assert run.info.run_name.startswith(f"trial {number} · ")  # not a hash
+        assert by_number[number].user_attrs["mlflow_run_id"] == run.info.run_id  # and back
+    assert all(t.user_attrs.get("mlflow_run_id") for t in by_number.values() if t.state != optuna.trial.TrialState.WAITING)
+    params = client.get_run(first.parent_run_id).data.params
+    assert os.path.isabs(params["campaign.workdir"]) and params["search.storage"].startswith("sqlite:////")
+    assert params["tracking.uri"] == first.tracking_uri
+    version = client.get_model_version(first.model_name, first.champion_version)
+    assert "auc" in version.description and "spec " in version.description
+    for run in trial_runs:  # the reward is logged once per epoch, not again at the end
+        history = client.get_metric_history(run.info.run_id, "reward")
+        assert len({m.step for m in history}) == len(history)
