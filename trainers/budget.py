@@ -7,6 +7,7 @@ campaigns (`[budget.proxy]` / `[budget.full]` override these fields) and the stu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,29 @@ class Budget:
     reward_metric: str = "tar@far=1e-3"  # the evaluator metric a search maximises
 
     def __post_init__(self) -> None:
+        for name, kinds in FIELD_TYPES.items():  # the type first, so a value check never meets a string
+            value = getattr(self, name)
+            ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+            if ok and isinstance(value, float):
+                ok = math.isfinite(value)
+            if not ok:
+                words = [_TYPE_WORDS[k] for k in kinds if not (k is int and float in kinds)]  # an int is a number
+                wanted = " or ".join(words)
+                raise BudgetError(f"budget: {name} must be {wanted}, got {value!r}")
+        if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in self.milestones):
+            raise BudgetError(f"budget: milestones must be fractions of training in (0, 1), got {list(self.milestones)}")
+        from .judge import METRICS
+
         checks = [
+            (self.reward_metric in METRICS,
+             f"reward_metric {self.reward_metric!r} is not a metric of the judge; choose one of {', '.join(METRICS)}"),
+            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
+            (self.eval_pairs >= 1, f"eval_pairs must be ≥ 1, got {self.eval_pairs}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be ≥ 0, got {self.warmup_epochs}"),
+            (self.head_lr is None or self.head_lr > 0, f"head_lr must be > 0, got {self.head_lr}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be ≥ 2, got {self.batch_size}"),
             (self.embedding_size >= 2, f"embedding_size must be ≥ 2, got {self.embedding_size}"),
@@ -66,6 +89,17 @@ class Budget:
             if not ok:
                 raise BudgetError(f"budget: {message}")
 
+
+_INT, _FLOAT, _NONE = (int,), (int, float), (type(None),)
+_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", tuple: "a list",
+               type(None): "none"}
+FIELD_TYPES: dict[str, tuple[type, ...]] = {  # the accepted Python types of each field (ints pass as floats)
+    "epochs": _INT, "batch_size": _INT, "backbone": (str,), "embedding_size": _INT, "image_size": _INT + _NONE,
+    "identities": _INT + _NONE, "optimizer": (str,), "lr": _FLOAT, "head_lr": _FLOAT + _NONE,
+    "head_weight_decay": (bool,), "momentum": _FLOAT, "weight_decay": _FLOAT, "warmup_epochs": _FLOAT,
+    "schedule": (str,), "milestones": (tuple,), "grad_clip": _FLOAT + _NONE, "amp": (str,), "compile": (bool,),
+    "head_parallel": (bool,), "flip": (bool,), "seed": _INT, "eval_pairs": _INT, "reward_metric": (str,),
+}
 
 BUDGETS: dict[str, Budget] = {
     "proxy": Budget(epochs=3, identities=300, eval_pairs=2000),  # a search trial: a short run on a subset

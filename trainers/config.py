@@ -191,6 +191,9 @@ def _validate(config: CampaignConfig) -> CampaignConfig:
     unknown = [b for b in s.baselines if b.partition(":")[0] not in NAMED]
     if unknown:
         raise ConfigError(f"search.baselines: unknown named loss(es) {', '.join(unknown)}; named: {', '.join(NAMED)}")
+    from .judge import METRICS
+    if p.metric not in METRICS:
+        raise ConfigError(f"promote.metric: {p.metric!r} is not a metric of the judge; choose one of {', '.join(METRICS)}")
     from marginsearch.searchspace.space import baseline_spec
     for baseline in s.baselines:
         try:

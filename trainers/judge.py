@@ -10,9 +10,12 @@ from torch import Tensor, nn
 from . import evaluate as ev
 from .images import to_float_images
 
-__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS"]
+__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS"]
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# what `judge` measures on labelled images: the names a reward metric (and a promotion metric) may take
+METRICS = (*(f"tar@far={far:.0e}".replace("e-0", "e-") for far in FARS), "auc", "accuracy", "val@far=1e-3",
+           "hard_accuracy", "rank1", "hard_sample_tar@far=1e-3")
 
 
 @dataclass

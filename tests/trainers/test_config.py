@@ -59,3 +59,30 @@ def test_missing_file_and_bad_override():
         load_config("/nonexistent/campaign.toml")
     with pytest.raises(ConfigError, match="section.key=value"):
         override(CampaignConfig(), {"trials": 3})
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("budget.proxy.epochs=abc", "budget: epochs must be an integer, got 'abc'"),
+    ("budget.proxy.epochs=2.5", "budget: epochs must be an integer, got 2.5"),
+    ("budget.proxy.lr=1e999", "budget: lr must be a finite number, got inf"),
+    ("budget.proxy.lr=abc", "budget: lr must be a finite number, got 'abc'"),
+    ("budget.full.batch_size=32.5", "budget: batch_size must be an integer, got 32.5"),
+    ("budget.proxy.reward_metric=acc", "reward_metric 'acc' is not a metric of the judge"),
+    ("budget.proxy.seed=-1", "seed must be ≥ 0, got -1"),
+    ("promote.metric=tar@far=1e-9", "promote.metric: 'tar@far=1e-9' is not a metric of the judge"),
+])
+def test_typed_fields_are_checked_before_any_store_opens(tmp_path, monkeypatch, capsys, assignment, message):
+    from marginsearch.trainers.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["campaign", "--set", assignment]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no store, no data cache, nothing written
+
+
+def test_train_budget_set_is_typed_too(capsys):
+    from marginsearch.trainers.cli import main
+
+    assert main(["train", "--loss", "cosface", "--budget-set", "epochs=abc"]) == 2
+    assert "budget: epochs must be an integer, got 'abc'" in capsys.readouterr().err
