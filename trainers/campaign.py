@@ -381,7 +381,9 @@ def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> boo
 # ---------------------------------------------------------------------------- the whole campaign
 def _check_inputs(config: CampaignConfig) -> None:
     """ValueError for a bad space, sampler, pruner, storage or data source, before the campaign records anything."""
-    from marginsearch.searchspace.search import PRUNERS, SearchError, make_sampler, make_storage
+    from marginsearch.searchspace.search import PRUNERS, SearchError, baseline_params, make_sampler, make_storage
+
+    from .judge import undefined_because
 
     space = load_space(config.search.space)
     make_sampler(config.search.sampler, space, config.campaign.seed)
@@ -390,8 +392,14 @@ def _check_inputs(config: CampaignConfig) -> None:
     for source in (config.data.test, *config.data.verification):
         if source:
             parse_source(source)
+    baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
+    data = data_for(config.data.train)        # loaded once per process: the trials reuse it
+    for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial
+        why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy())
+        if why is not None:
+            raise ConfigError(f"budget.{phase}.reward_metric: {why} on the validation split; choose reward_metric = "
+                              f"\"auc\" (any size) or a larger FAR, or hold out more validation identities")
     make_storage(storage_url(config), heartbeat=False)
-    data_for(config.data.train)               # loaded once per process: the trials reuse it
 
 
 def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str, ...] = ("search", "promote"),
@@ -431,6 +439,10 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     campaign = CampaignResult(key, parent, uri, config.experiment, config.model_name, result, gate_metric=metric)
     if "promote" in phases:
         rows = _candidates(result.rows, config.promote.top_k, config.promote.baseline)
+        if not rows and config.promote.top_k + int(config.promote.baseline) > 0:
+            reasons = [r.reason for r in result.rows if r.reason]
+            raise ConfigError(f"campaign {key}: no trial completed, nothing to promote"
+                              + (f" (first failure: {reasons[0]})" if reasons else ""))
         campaign.promoted = [_promote_one(config, tracker, key, parent, row, log) for row in rows]
         _register(config, tracker, campaign.promoted, metric, log)
         from .registry import champion

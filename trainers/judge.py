@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from . import evaluate as ev
 from .images import to_float_images
 
-__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS"]
+__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS",
+           "undefined_because"]
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # what `judge` measures on labelled images: the names a reward metric (and a promotion metric) may take
@@ -54,6 +55,29 @@ def _set_training(model: nn.Module, mode: bool) -> None:
         model.train(mode)
     except NotImplementedError:
         pass
+
+
+def undefined_because(metric: str, labels: np.ndarray) -> str | None:
+    """Why `judge` cannot give `metric` a value on images with these identity labels (all pairs), or None if it can.
+
+    TAR@FAR=f needs floor(f·negatives) ≥ 1 impostor pairs; every verification metric needs genuine
+    and impostor pairs; rank-1 needs an identity with two images.
+    """
+    labels = np.asarray(labels)
+    counts = np.unique(labels, return_counts=True)[1]
+    n = len(labels)
+    positives = int((counts * (counts - 1) // 2).sum())
+    negatives = n * (n - 1) // 2 - positives
+    if metric.startswith("tar@far=") or metric.startswith("hard_sample_tar@far="):
+        far = float(metric.rpartition("=")[2])
+        needed = int(np.ceil(1.0 / far))
+        if negatives < needed:
+            return (f"{metric} needs at least {needed} impostor pairs, the {len(counts)} identities ({n} images) "
+                    f"give {negatives}")
+    if positives == 0 or negatives == 0:
+        return f"{metric} needs genuine and impostor pairs, the {len(counts)} identities ({n} images) give " \
+               f"{positives} and {negatives}"
+    return None
 
 
 def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int = 0,

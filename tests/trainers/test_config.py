@@ -86,3 +86,15 @@ def test_train_budget_set_is_typed_too(capsys):
 
     assert main(["train", "--loss", "cosface", "--budget-set", "epochs=abc"]) == 2
     assert "budget: epochs must be an integer, got 'abc'" in capsys.readouterr().err
+
+
+def test_a_reward_the_validation_split_cannot_define_is_refused_before_any_store(tmp_path, monkeypatch, capsys):
+    from marginsearch.trainers.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MARGINSEARCH_CACHE", str(tmp_path / "cache"))
+    assert main(["campaign", "--set", "data.train=synthetic:tiny", "--set", "budget.proxy.eval_pairs=200",
+                 "--set", "budget.proxy.identities=0"]) == 2  # tiny's validation split: too few impostor pairs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget.proxy.reward_metric: tar@far=1e-3 needs at least 1000 impostor pairs" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the data was read; no store was opened
