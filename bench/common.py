@@ -9,12 +9,16 @@ from typing import Any
 __all__ = ["markdown_table", "device_name"]
 
 
-def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table: one header row, a separator, one line per row (cells turned to str; '|' escaped)."""
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], align: str = "") -> str:
+    """A GitHub markdown table: one header row, a separator, one line per row (cells turned to str; '|' escaped).
+
+    `align` holds one letter per column, "l" or "r" (numbers); missing letters mean "l".
+    """
     def line(cells: Sequence[Any]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+    marks = ["---:" if align[i:i + 1] == "r" else "---" for i in range(len(header))]
+    return "\n".join([line(header), "|" + "|".join(marks) + "|", *(line(r) for r in rows)])
 
 
 def device_name(device: Any) -> str:

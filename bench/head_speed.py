@@ -37,6 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from marginsearch.losses import MarginSoftmax, named  # noqa: E402
+try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
+    from .common import markdown_table
+except ImportError:
+    from common import markdown_table  # type: ignore[no-redef]
 
 POINTS = ["normface", "cosface", "arcface", "mv-arc", "curricularface", "search-softmax"]
 
@@ -168,7 +172,7 @@ def median_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
 
 
 def table_rows(columns: dict[str, Callable[[], None]], times: dict[str, list[float]],
-               memory: dict[str, float]) -> list[str]:
+               memory: dict[str, float]) -> list[list[str]]:
     """One markdown row per column: ms, × linear + CE, × the same point in full mode, insightface-style ÷ this,
     peak MiB."""
     reference = "insightface-style arcface"
@@ -178,8 +182,8 @@ def table_rows(columns: dict[str, Callable[[], None]], times: dict[str, list[flo
         vs_full = f"{median_ratio(times, name, full):.2f}" if full in times else ""
         faster = (f"{median_ratio(times, reference, name):.1f}"
                   if reference in times and name not in ("linear + CE", reference) else "")
-        rows.append(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
-                    f"{median_ratio(times, name, 'linear + CE'):.2f} | {vs_full} | {faster} | {memory[name]:.0f} |")
+        rows.append([name, f"{statistics.median(times[name]) * 1e3:.1f}",
+                     f"{median_ratio(times, name, 'linear + CE'):.2f}", vs_full, faster, f"{memory[name]:.0f}"])
     return rows
 
 
@@ -231,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             all_notes += [n for n in notes if n not in all_notes]
             times = measure(columns, args.rounds, args.warmup, device)
             memory = {name: peak_memory_mib(run, device) for name, run in columns.items()}
-            lines += [f"## B = {batch}, C = {num_classes:,}", "",
-                      "| column | ms | × linear + CE | × full mode | insightface-style ÷ this | peak MiB |",
-                      "|---|---:|---:|---:|---:|---:|", *table_rows(columns, times, memory), ""]
+            table = markdown_table(["column", "ms", "× linear + CE", "× full mode", "insightface-style ÷ this",
+                                    "peak MiB"], table_rows(columns, times, memory), align="lrrrrr")
+            lines += [f"## B = {batch}, C = {num_classes:,}", "", *table.splitlines(), ""]
             print("\n".join(lines[-(len(columns) + 4):]), flush=True)
     lines += [f"Note: {n}" for n in all_notes]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,10 @@ from marginsearch.trainers.campaign import spec_key  # noqa: E402
 from marginsearch.trainers.objective import data_for  # noqa: E402
 from marginsearch.trainers.tracking import TAG, CampaignTracker, target_logit_png  # noqa: E402
 from marginsearch.trainers.train import train  # noqa: E402
+try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
+    from .common import markdown_table
+except ImportError:
+    from common import markdown_table  # type: ignore[no-redef]
 
 REPORTS = 3
 REWARD = 0.5
@@ -127,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{budget.backbone}, batch {budget.batch_size}, {budget.identities} identities, judging included) "
              f"took {epoch_s:.2f} s. One run per cell: a cell can differ by 2-3× between runs (SQLite and MLflow "
              "write to disk); read the orders of magnitude.", "",
-             "| sampler | storage / tracking | ms per trial | % of one proxy epoch |", "|---|---|---:|---:|"]
-    for sampler, column, ms in rows:
-        lines.append(f"| {sampler} | {column} | {ms:.1f} | {100.0 * ms / 1000.0 / epoch_s:.2f} |")
+             markdown_table(["sampler", "storage / tracking", "ms per trial", "% of one proxy epoch"],
+                            [[sampler, column, f"{ms:.1f}", f"{100.0 * ms / 1000.0 / epoch_s:.2f}"]
+                             for sampler, column, ms in rows], align="llrr")]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,10 @@ from marginsearch.trainers.budget import Budget  # noqa: E402
 from marginsearch.trainers.judge import judge  # noqa: E402
 from marginsearch.trainers.sources import training_data  # noqa: E402
 from marginsearch.trainers.train import TrainData, to_float_images, train  # noqa: E402
+try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
+    from .common import markdown_table
+except ImportError:
+    from common import markdown_table  # type: ignore[no-redef]
 
 
 def trainer_images_per_second(spec, data: TrainData, budget: Budget) -> float:
@@ -96,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
              "", f"Machine: {machine}. Data {args.source} ({len(data.labels)} training images, {data.num_classes} "
              f"identities), backbone tiny, batch {budget.batch_size}, loss {args.loss}; median of {args.runs} "
              "alternating runs.", "",
-             "| column | images/s (median) | runs | × bare loop |", "|---|---:|---|---:|"]
-    for name, values in rates.items():
-        lines.append(f"| {name} | {statistics.median(values):.0f} | {', '.join(f'{v:.0f}' for v in values)} | "
-                     f"{statistics.median(values) / bare:.2f} |")
+             markdown_table(["column", "images/s (median)", "runs", "× bare loop"],
+                            [[name, f"{statistics.median(values):.0f}", ", ".join(f"{v:.0f}" for v in values),
+                              f"{statistics.median(values) / bare:.2f}"] for name, values in rates.items()],
+                            align="lrlr")]
     judged = statistics.median(judge_seconds(data, budget) for _ in range(args.runs))
     epoch = len(data.labels) / statistics.median(rates["trainer (trainers.train.train)"])
     n_val = len(data.val.labels)
