@@ -417,11 +417,11 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `log`; failures keep their reason
     check_workdir(config.workdir)             # the places first: nothing is written before they are known good
     uri = resolve_tracking_uri(config.tracking.uri or None, config.workdir)
-    check_tracking_uri(uri)
     for store, what in ((uri, "MLflow store"), (storage_url(config), "Optuna storage")):
         if (path := sqlite_path(store)) is not None:
             check_sqlite_file(path, what)
     config.workdir.mkdir(parents=True, exist_ok=True)
+    check_tracking_uri(uri)
     _check_inputs(config)                     # fail fast on bad input before any store is touched
     tracker = CampaignTracker(uri, config.experiment)
     key, parent = _open_campaign(config, tracker, new, log, joining=worker)

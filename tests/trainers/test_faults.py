@@ -67,7 +67,8 @@ def consistency_problems(workdir: Path, n_trials: int = TRIALS + len(BASELINES))
     from marginsearch.trainers.registry import champion, verify_loads
 
     problems: list[str] = []
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not the process-wide registry URI another test may have set
     exp = client.get_experiment_by_name("marginsearch-demo")
     runs = client.search_runs([exp.experiment_id], max_results=5000)
     parents = [r for r in runs if r.data.tags.get(f"{TAG}kind") == "search"]
