@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from marginsearch.losses import MarginSoftmax, named  # noqa: E402
+
 try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
     from .common import markdown_table
 except ImportError:

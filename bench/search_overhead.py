@@ -34,6 +34,7 @@ from marginsearch.trainers.campaign import spec_key  # noqa: E402
 from marginsearch.trainers.objective import data_for  # noqa: E402
 from marginsearch.trainers.tracking import TAG, CampaignTracker, target_logit_png  # noqa: E402
 from marginsearch.trainers.train import train  # noqa: E402
+
 try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
     from .common import markdown_table
 except ImportError:

@@ -27,6 +27,7 @@ from marginsearch.trainers.budget import Budget  # noqa: E402
 from marginsearch.trainers.judge import judge  # noqa: E402
 from marginsearch.trainers.sources import training_data  # noqa: E402
 from marginsearch.trainers.train import TrainData, to_float_images, train  # noqa: E402
+
 try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
     from .common import markdown_table
 except ImportError:

@@ -60,7 +60,8 @@ class Budget:
                 wanted = " or ".join(words)
                 raise BudgetError(f"budget: {name} must be {wanted}, got {value!r}")
         if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in self.milestones):
-            raise BudgetError(f"budget: milestones must be fractions of training in (0, 1), got {list(self.milestones)}")
+            raise BudgetError(f"budget: milestones must be fractions of training in (0, 1), "
+                              f"got {list(self.milestones)}")
         from .judge import METRICS
 
         checks = [

@@ -193,7 +193,8 @@ def _validate(config: CampaignConfig) -> CampaignConfig:
         raise ConfigError(f"search.baselines: unknown named loss(es) {', '.join(unknown)}; named: {', '.join(NAMED)}")
     from .judge import METRICS
     if p.metric not in METRICS:
-        raise ConfigError(f"promote.metric: {p.metric!r} is not a metric of the judge; choose one of {', '.join(METRICS)}")
+        raise ConfigError(f"promote.metric: {p.metric!r} is not a metric of the judge; "
+                          f"choose one of {', '.join(METRICS)}")
     from marginsearch.searchspace.space import baseline_spec
     for baseline in s.baselines:
         try:

@@ -168,7 +168,8 @@ def test_the_record_links_optuna_and_mlflow_both_ways_and_reads_on_its_own(campa
         assert run.data.tags["optuna.study"] == first.key
         assert run.info.run_name.startswith(f"trial {number} · ")  # not a hash
         assert by_number[number].user_attrs["mlflow_run_id"] == run.info.run_id  # and back
-    assert all(t.user_attrs.get("mlflow_run_id") for t in by_number.values() if t.state != optuna.trial.TrialState.WAITING)
+    assert all(t.user_attrs.get("mlflow_run_id") for t in by_number.values()
+               if t.state != optuna.trial.TrialState.WAITING)
     params = client.get_run(first.parent_run_id).data.params
     assert os.path.isabs(params["campaign.workdir"]) and params["search.storage"].startswith("sqlite:////")
     assert params["tracking.uri"] == first.tracking_uri

@@ -10,7 +10,8 @@ from marginsearch.trainers.cli import strict_json
 
 
 def test_strict_json_has_no_nan_or_infinity():
-    text = strict_json({"reward": math.nan, "metrics": {"tar@far=1e-6": math.inf, "auc": 0.5}, "hist": [1.0, -math.inf]})
+    text = strict_json({"reward": math.nan, "metrics": {"tar@far=1e-6": math.inf, "auc": 0.5},
+                        "hist": [1.0, -math.inf]})
     data = json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
     assert data == {"reward": None, "metrics": {"tar@far=1e-6": None, "auc": 0.5}, "hist": [1.0, None]}
 

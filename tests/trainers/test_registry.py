@@ -125,7 +125,8 @@ def test_champion_loads_in_a_fresh_process_without_marginsearch(campaign, tmp_pa
         print(sorted(m for m in sys.modules
                      if m.split(".")[0] in ("marginsearch", "trainers", "losses", "searchspace")))
     """)
-    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"}  # set by other tests' set_registry_uri
+    # MLFLOW_REGISTRY_URI: set by other tests' set_registry_uri
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"}
     env = {**inherited, "MLFLOW_TRACKING_URI": campaign["tracker"].tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
