@@ -1,6 +1,6 @@
 """Model registry gate: register a promoted run's model, move the `champion` alias only when it wins.
 
-Each version carries its lineage and metrics as tags (`marginsearch.*`, `marginsearch.metric.<name>`)
+Each version carries its lineage and the metric it was gated on as tags (`marginsearch.*`, `marginsearch.metric.<name>`)
 and the gate's decision (`marginsearch.gate.*`); the decision is also tagged on the run. Gating is
 idempotent: the same run gives the same version and, once decided, the same decision. An alias
 only ever points at a version whose model loads and maps a zero batch to finite outputs. Gate
@@ -165,8 +165,9 @@ def register_and_gate(client: mlflow.MlflowClient, model_name: str, run_id: str,
                                                tags={f"{TAG}artifact_path": artifact_path},
                                                description=description or None)
     version = str(existing.version)
-    lineage: dict[str, Any] = {k: v for k, v in run.data.tags.items() if k.startswith(TAG) and not k.startswith(GATE)}
-    lineage.update({f"{METRIC}{k}": repr(v) for k, v in run.data.metrics.items()})
+    lineage: dict[str, Any] = {k: v for k, v in run.data.tags.items()
+                               if k.startswith(TAG) and not k.startswith((GATE, f"{TAG}nonfinite."))}
+    # the run keeps every metric; the version carries the one it was gated on (and its lineage), not 20 copies
     lineage.update({f"{TAG}search_run_id": run.data.tags.get("mlflow.parentRunId", ""),
                     f"{METRIC}{mlflow_name(metric_name)}": repr(float(metric_value)), f"{GATE}metric": metric_name,
                     f"{GATE}higher_is_better": str(higher_is_better).lower()})
