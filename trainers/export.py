@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,7 +114,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ExportError(f"{path}: neither a marginsearch model bundle nor a TorchScript export ({type(exc).__name__})") from None
+        raise ExportError(f"{path}: neither a marginsearch model bundle nor a TorchScript export "
+                          f"({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "marginsearch-model/1":
         raise ExportError(f"{path}: not a marginsearch model bundle")
     size = int(state["input_size"])

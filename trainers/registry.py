@@ -19,8 +19,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from .tracking import mlflow_name
 from marginsearch.losses.errors import MarginsearchError
+
+from .tracking import mlflow_name
 
 __all__ = ["CHAMPION", "CHALLENGER", "GateResult", "RegistryError", "register_and_gate", "set_challenger",
            "champion", "verify_loads"]
