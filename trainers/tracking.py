@@ -22,9 +22,10 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -272,7 +273,8 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ helpers
     def runs(self, filters: Mapping[str, str]) -> list[Any]:
-        """All active runs of the experiment whose tags/attributes equal `filters` (keys such as tags.`name`), newest first."""
+        """All active runs of the experiment whose tags/attributes equal `filters` (keys such as tags.`name`), newest
+        first."""
         return self._search(filters)
 
     def _search(self, filters: Mapping[str, str]) -> list[Any]:
@@ -323,7 +325,8 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ search (parent) runs
     def label_trial_run(self, parent_run_id: str, trial_key: str, number: int, study_name: str, label: str) -> None:
-        """Name a trial run `trial <number> · <label>` and tag it with its Optuna trial and study (any backend, from the driver)."""
+        """Name a trial run `trial <number> · <label>` and tag it with its Optuna trial and study (any backend, from
+        the driver)."""
         runs = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key})
         for run in runs[:1]:
             self.client.update_run(run.info.run_id, name=f"trial {number} · {label}")
@@ -371,7 +374,8 @@ class CampaignTracker:
     # ------------------------------------------------------------------ trial (nested) runs
     def trial_run(self, parent_run_id: str, trial_key: str, spec: MarginSpec, params: Mapping[str, Any],
                   tags: Mapping[str, Any], run_name: str | None = None) -> TrialRun:
-        """Open the trial's nested run (named `run_name`, else after its key), or reopen the one with the same trial key."""
+        """Open the trial's nested run (named `run_name`, else after its key), or reopen the one with the same trial
+        key."""
         key_tags = {f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key}
         found = self._search(key_tags)
         loss = identify(spec) or "none"
@@ -412,7 +416,8 @@ class CampaignTracker:
 
 def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id: str, model: nn.Module,
                         input_size: int, extra: Mapping[str, Any] | None = None, name: str = "model") -> str:
-    """Log images [B,3,H,W] in [−1,1] → embeddings [B,D] as an MLflow LoggedModel `name` of the run (torch.export pt2); its id.
+    """Log images [B,3,H,W] in [−1,1] → embeddings [B,D] as an MLflow LoggedModel `name` of the run (torch.export
+    pt2); its id.
 
     The client-side equivalent of `mlflow.pytorch.log_model`, which reads the global tracking URI
     and experiment: pt2 loads back as a GraphModule without marginsearch and without pickle, with
