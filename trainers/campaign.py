@@ -17,9 +17,10 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from marginsearch.losses import MarginSpec, identify
 from marginsearch.searchspace import load as load_space
@@ -31,8 +32,17 @@ from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, evaluation_data, parse_source
 from .stores import check_sqlite_file, check_workdir, sqlite_path
-from .tracking import (MLFLOW_RUN_ATTR, OPTUNA_STORAGE_TAG, OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG, TAG, CampaignTracker,
-                       check_tracking_uri, figure_files, resolve_tracking_uri)
+from .tracking import (
+    MLFLOW_RUN_ATTR,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_TAG,
+    OPTUNA_TRIAL_TAG,
+    TAG,
+    CampaignTracker,
+    check_tracking_uri,
+    figure_files,
+    resolve_tracking_uri,
+)
 from .train import train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
@@ -88,7 +98,8 @@ class TrackedObjective:
         with trial:
             def on_epoch(epoch_report: Any) -> None:
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
-                _progress_line(f"    epoch {epoch_report.epoch}/{self.budget.epochs}: reward {epoch_report.reward:.4f}, "
+                _progress_line(f"    epoch {epoch_report.epoch}/{self.budget.epochs}: "
+                               f"reward {epoch_report.reward:.4f}, "
                                f"loss {epoch_report.train_loss:.3f}, {epoch_report.seconds:.1f} s")
                 if epoch_report.epoch >= self.budget.epochs:
                     trial.exit_state = "complete"  # Ray Tune ends a finished trial with SystemExit too
@@ -220,7 +231,8 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
                         ray=RayOptions(address=s.ray_address or None,
                                        resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
                                        storage_path=str(config.workdir / "ray_results")),
-                        callbacks=[lambda row: log(_row_line(row)), lambda row: _label_trial_run(tracker, parent, key, row)])
+                        callbacks=[lambda row: log(_row_line(row)),
+                                   lambda row: _label_trial_run(tracker, parent, key, row)])
     if result.study is not None:  # the study names the MLflow campaign run that records it
         result.study.set_user_attr("mlflow_parent_run_id", parent)
         result.study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
@@ -228,14 +240,16 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
 
 
 def _label_trial_run(tracker: CampaignTracker, parent: str, key: str, row: TrialRow) -> None:
-    """From the driver, after each trial: its MLflow run named `trial N · loss` and tagged with the Optuna trial (Ray too)."""
+    """From the driver, after each trial: its MLflow run named `trial N · loss` and tagged with the Optuna trial
+    (Ray too)."""
     if row.spec is not None:
         tracker.label_trial_run(parent, f"{key}/{spec_key(row.spec)}", row.number, key,
                                 row.baseline or row.named or "searched")
 
 
 def _retry_abandoned_trials(config: CampaignConfig, key: str, log: Callable[[str], None]) -> None:
-    """Trials left RUNNING by a killed campaign process: FAIL, and enqueued again with the same params (same MLflow run)."""
+    """Trials left RUNNING by a killed campaign process: FAIL, and enqueued again with the same params (same MLflow
+    run)."""
     import optuna
 
     from marginsearch.searchspace.search import make_storage, retry_abandoned
@@ -246,7 +260,8 @@ def _retry_abandoned_trials(config: CampaignConfig, key: str, log: Callable[[str
         return  # a new campaign: no study yet
     failed = retry_abandoned(study, "abandoned: its process stopped before the trial ended (campaign resumed)")
     if failed:
-        log(f"search: trial(s) {', '.join(map(str, failed))} left RUNNING by a stopped process marked FAIL and enqueued again")
+        log(f"search: trial(s) {', '.join(map(str, failed))} left RUNNING by a stopped process "
+            "marked FAIL and enqueued again")
 
 
 def _row_line(row: TrialRow) -> str:
@@ -283,7 +298,8 @@ def _candidates(rows: list[TrialRow], top_k: int, with_baseline: bool) -> list[T
 
 
 def _evaluate(config: CampaignConfig, model: Any, seed: int) -> dict[str, float]:
-    """Test metrics (prefix test/), long-tail buckets on a synthetic source, and each verification set (prefix <name>/)."""
+    """Test metrics (prefix test/), long-tail buckets on a synthetic source, and each verification set (prefix
+    <name>/)."""
     metrics: dict[str, float] = {}
     test_source = config.data.test or config.data.train
     kind, rest = parse_source(test_source)
@@ -414,7 +430,8 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
         raise ConfigError("a worker runs the search phase of an existing or new campaign only (no --new, no promote)")
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `log`; failures keep their reason
+    # one line per trial comes from `log`; failures keep their reason
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_workdir(config.workdir)             # the places first: nothing is written before they are known good
     uri = resolve_tracking_uri(config.tracking.uri or None, config.workdir)
     for store, what in ((uri, "MLflow store"), (storage_url(config), "Optuna storage")):
@@ -472,6 +489,7 @@ def _read_search(config: CampaignConfig, key: str) -> SearchResult:
     try:
         study = optuna.load_study(study_name=key, storage=storage_url(config))
     except KeyError:
-        raise ConfigError(f"campaign {key} has no search in {storage_url(config)}; run `marginsearch search` first") from None
+        raise ConfigError(f"campaign {key} has no search in {storage_url(config)}; "
+                          "run `marginsearch search` first") from None
     return SearchResult(rows_of(study, space), config.search.backend, key, storage_url(config), study)
 
