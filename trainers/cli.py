@@ -24,8 +24,10 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+
 from marginsearch.losses.errors import MarginsearchError
 
 from .faults import install_from_environment
@@ -131,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             rank = dist.get_rank()
             dist.destroy_process_group()
             if rank != 0:
-                return 0
+                # a non-zero rank ends here with 0, also when training raised (rank 0 reports): kept as it was
+                return 0  # noqa: B012
     out = Path(args.out)
     size = budget.image_size or int(data.images.shape[-1])
     path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, size,
@@ -191,9 +194,9 @@ def _print_epoch(report) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .tracking import load_any_model
     from .judge import judge, judge_pairs
     from .sources import PairSet, evaluation_data
+    from .tracking import load_any_model
 
     model, _ = load_any_model(args.model, args.tracking_uri)
     data = evaluation_data(args.data, split=args.split)
@@ -357,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"marginsearch {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"marginsearch {args.command}: terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+        print(f"marginsearch {args.command}: terminated (SIGTERM); run the same command again to resume",
+              file=sys.stderr)
         return 143
     except KeyboardInterrupt:
         print(f"marginsearch {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
