@@ -124,13 +124,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--aux expects name:weight[:key=value,...], got {item!r}") from None
     data = training_data(args.data)
     distributed = _init_distributed()
+    trained = False
     try:
         result = train(spec, data, budget, auxiliary=auxiliary or None, checkpoint=args.checkpoint,
                        progress=not args.quiet, on_epoch=None if args.quiet else _print_epoch)
+        trained = True
     finally:
         if distributed:
             import torch.distributed as dist
             rank = dist.get_rank()
+            if trained:  # every rank's collectives are done before the group goes (a rank leaving early aborted gloo)
+                dist.barrier()
             dist.destroy_process_group()
             if rank != 0:
                 # a non-zero rank ends here with 0, also when training raised (rank 0 reports): kept as it was
