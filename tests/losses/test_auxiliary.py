@@ -1,4 +1,4 @@
-"""Auxiliary terms against plain-loop references written from the papers' formulas (shared/reference/losses.md §4)."""
+"""Auxiliary terms against plain-loop references written from the papers' formulas (Range loss arXiv 1611.08976, Center loss ECCV 2016, DDL arXiv 2002.03662)."""
 from __future__ import annotations
 
 import itertools

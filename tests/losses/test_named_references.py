@@ -1,6 +1,6 @@
 """Every named loss against an independent reference written from the paper's formula.
 
-References live in `tests/losses/references.py` (written from shared/reference/losses.md §1, §3
+References live in `tests/losses/references.py` (written from the papers' formulas, see `docs/fidelity.md`
 and the documented conventions, not from `losses/transforms.py`). Style of
 pytorch-metric-learning's tests: a dtype loop, fixed seeds, and gradient checks.
 """
