@@ -1,6 +1,7 @@
 """Independent reference implementations of the named margin losses, for the tests.
 
-Written from the papers' formulas (the citations of `marginsearch.losses.NAMED`; `docs/fidelity.md` for the official code)
+Written from the papers' formulas (the citations of `marginsearch.losses.NAMED`; docs/fidelity.md
+for the official code)
 and from the documented conventions of the library (θ clamp, guards, draw order, state updates),
 NOT from `losses/transforms.py` or the private methods of `losses/head.py`. Each reference is a
 short function of (embeddings, class centres, labels, parameters) in plain torch, differentiable

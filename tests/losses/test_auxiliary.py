@@ -1,4 +1,7 @@
-"""Auxiliary terms against plain-loop references written from the papers' formulas (Range loss arXiv 1611.08976, Center loss ECCV 2016, DDL arXiv 2002.03662)."""
+"""Auxiliary terms against plain-loop references written from the papers' formulas.
+
+Range loss arXiv 1611.08976, Center loss ECCV 2016, Distribution Distillation Loss arXiv 2002.03662.
+"""
 from __future__ import annotations
 
 import itertools
