@@ -45,7 +45,7 @@ from .tracking import (
 )
 from .train import train
 
-__all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url"]
+__all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url", "log_line"]
 
 def spec_key(spec: MarginSpec) -> str:
     """A short stable hash of a spec: the identity of a trial's MLflow run within a campaign."""
@@ -57,11 +57,12 @@ def storage_url(config: CampaignConfig) -> str:
     return config.search.storage or f"sqlite:///{config.workdir / 'optuna.db'}"
 
 
-def _progress_line(line: str) -> None:
-    """One line of progress on stdout that does not break a tqdm bar (tqdm.write)."""
+def log_line(line: str) -> None:
+    """A log line on stdout that keeps tqdm's progress bars (on stderr) intact in a terminal and a piped log."""
     from tqdm.auto import tqdm
 
     tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _epoch_metrics(report: Any) -> dict[str, float]:
@@ -98,7 +99,7 @@ class TrackedObjective:
         with trial:
             def on_epoch(epoch_report: Any) -> None:
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
-                _progress_line(f"    epoch {epoch_report.epoch}/{self.budget.epochs}: "
+                log_line(f"    epoch {epoch_report.epoch}/{self.budget.epochs}: "
                                f"reward {epoch_report.reward:.4f}, "
                                f"loss {epoch_report.train_loss:.3f}, {epoch_report.seconds:.1f} s")
                 if epoch_report.epoch >= self.budget.epochs:

@@ -170,7 +170,9 @@ def strict_json(value: Any) -> str:
 
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        _log_line(self.format(record))
+        from .campaign import log_line
+
+        log_line(self.format(record))
 
 
 def _log_to_stdout() -> None:
@@ -179,14 +181,6 @@ def _log_to_stdout() -> None:
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
         logger.addHandler(_TqdmHandler())
         logger.setLevel(logging.INFO)
-
-
-def _log_line(line: str) -> None:
-    """A log line on stdout that keeps tqdm's progress bars (on stderr) intact in a terminal and a piped log."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
 
 
 def _print_epoch(report) -> None:
@@ -223,14 +217,14 @@ def _campaign_config(args: argparse.Namespace):
 
 
 def _run_phases(args: argparse.Namespace, phases: tuple[str, ...]) -> int:
-    from .campaign import run_campaign
+    from .campaign import log_line, run_campaign
 
     config = _campaign_config(args)
     if args.resume and args.new:
         raise UsageError("--resume and --new exclude each other")
     _log_to_stdout()
     worker = bool(getattr(args, "worker", False))
-    result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=_log_line)
+    result = run_campaign(config, new=args.new, phases=phases, worker=worker, log=log_line)
     if "promote" in phases:
         print("\n" + result.summary())
     else:
