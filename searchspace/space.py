@@ -37,7 +37,7 @@ from typing import Any, cast
 import tomllib
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from marginsearch.losses import MarginSpec, SpecError, identify
+from marginsearch.losses import NAMED, MarginSpec, SpecError, identify, named
 from marginsearch.losses.errors import MarginsearchError
 from marginsearch.losses.spec import SLOTS
 
@@ -181,8 +181,6 @@ def baseline_spec(text: str) -> MarginSpec:
     The campaign's `search.baselines` entries: a named point at its defaults, or the flavour of it
     that a space holds (values are JSON where they parse, else strings). SpecError naming a bad part.
     """
-    from marginsearch.losses import named
-
     name, _, rest = text.partition(":")
     fields: dict[str, Any] = {}
     for item in (part for part in rest.split(",") if part):
@@ -374,8 +372,6 @@ class SearchSpace:
 
     def baselines(self) -> dict[str, dict[str, Any]]:
         """Every named loss (losses.NAMED, at its defaults) this space can express → its params."""
-        from marginsearch.losses import NAMED, named
-
         out = {}
         for name in NAMED:
             try:
