@@ -91,6 +91,20 @@ def files(tmp_path_factory):
     model = EmbeddingModel(build_backbone("tiny", 16, (32, 32)))
     f["model"] = save_bundle(d / "model.pt", model, "tiny", 16, 32)
     torch.save({"spec": {"s": 1}, "budget": {}}, d / "other.pt")
+    torch.save([1, 2, 3], d / "list.pt")
+    bundle = torch.load(f["model"], weights_only=True)
+    torch.save({**bundle, "embedding_size": 32}, d / "wrong_shape.pt")       # weights of 16, described as 32
+    (d / "fake.ts").write_bytes(b"PK\x03\x04" + b"not a zip archive" * 20)
+    (d / "out_dir").mkdir()
+    (d / "a_file").write_text("x")
+    (d / "binary_pairs.txt").write_bytes(bytes(range(256)) * 4)
+    many = [(np.full((16, 16, 3), 3 * i, dtype=np.uint8), i // 2) for i in range(64)]
+    for name, value in (("label_huge", 1e30), ("label_nan", float("nan")), ("label_half", 2.5)):
+        (d / name).mkdir()
+        write_record_file(d / name / "train.rec", many, header=False)
+        rec = bytearray((d / name / "train.rec").read_bytes())
+        rec[12:16] = struct.pack("<f", value)   # key 0: chunk head (8 bytes), flag (4), then its float label
+        (d / name / "train.rec").write_bytes(bytes(rec))
     return f
 
 
@@ -153,6 +167,13 @@ CAMPAIGN_CASES = [
     (["--set", "data.verification=[\"gopher:lfw\"]"], "unknown data source kind 'gopher'"),
     (["--set", "search.storage=nosuchdb://x"], "storage 'nosuchdb://x'"),
     (lambda f: ["--tracking-uri", f"http://127.0.0.1:{_closed_port()}"], "is unreachable"),
+    (["--set", "budget.proxy.epochs=2.5"], "epochs must be an integer, got 2.5"),
+    (["--set", "budget.proxy.lr=inf"], "lr must be a finite number"),
+    (["--set", "budget.proxy.reward_metric=foo"], "reward_metric 'foo' is not a metric of the judge"),
+    (["--set", "budget.proxy.backbone=nope"], "budget.proxy.backbone: unknown backbone 'nope'"),
+    (["--set", "search.trials=0", "--set", "search.baselines=[]"], "the search is empty"),
+    (["--set", "data.verification=[\"bin:/nonexistent/lfw.bin\"]"], "/nonexistent/lfw.bin does not exist"),
+    (["--tracking-uri", "weird://host/x"], "unknown scheme 'weird'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--resume", "--new"], "--resume and --new exclude each other"),
 ]
@@ -184,6 +205,32 @@ OTHER_CASES = [
     (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"pairs:{f['dir'] / 'pairs.txt'}@{f['dir']}"],
      "pairs.txt"),
     (["export", "--model", "/nonexistent/model.pt", "--out", "m.ts"], "model /nonexistent/model.pt does not exist"),
+    (["train", "--loss", "arcface", *TINY_TRAIN[:2], "--budget-set", "epochs=abc"], "epochs must be an integer"),
+    (["train", "--loss", "arcface", *TINY_TRAIN[:2], "--budget-set", "seed=-1"], "seed must be ≥ 0, got -1"),
+    (["train", "--loss", "arcface", *TINY_TRAIN[:2], "--budget-set", "eval_pairs=-5"], "eval_pairs must be ≥ 1"),
+    (lambda f: ["train", "--loss", "arcface", "--data", f"recordio:{f['dir'] / 'label_huge' / 'train.rec'}"],
+     "label_huge/train.rec key 0: label 1000000015047466219876688855040 is outside the 32 identities"),
+    (lambda f: ["train", "--loss", "arcface", "--data", f"recordio:{f['dir'] / 'label_nan' / 'train.rec'}"],
+     "label_nan/train.rec key 0: label nan is not an identity index"),
+    (lambda f: ["train", "--loss", "arcface", "--data", f"recordio:{f['dir'] / 'label_half' / 'train.rec'}"],
+     "label_half/train.rec key 0: label 2.5 is not an identity index"),
+    (lambda f: ["train", "--loss", "arcface", *TINY_TRAIN, "--checkpoint", str(f["dir"] / "list.pt"),
+                "--out", str(f["dir"] / "out")], "list.pt: not a marginsearch checkpoint (it holds a list)"),
+    (lambda f: ["train", "--loss", "arcface", *TINY_TRAIN, "--out", str(f["dir"] / "a_file" / "x")],
+     "a_file is a file, not a folder"),
+    (lambda f: ["evaluate", "--model", str(f["dir"] / "wrong_shape.pt"), "--data", "synthetic:tiny"],
+     "wrong_shape.pt: the bundle's weights do not fit its description (size mismatch"),
+    (lambda f: ["evaluate", "--model", str(f["dir"] / "fake.ts"), "--data", "synthetic:tiny"],
+     "fake.ts: neither a marginsearch model bundle nor a TorchScript export"),
+    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", "synthetic:tiny", "--pairs", "-5"],
+     "--pairs must be ≥ 1, got -5"),
+    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"pairs:{f['dir'] / 'binary_pairs.txt'}@{f['dir']}"],
+     "binary_pairs.txt: not a text pairs list"),
+    (["evaluate", "--model", "models:/x@champion", "--data", "synthetic:tiny", "--tracking-uri", "weird://host/x"],
+     "unknown scheme 'weird'"),
+    (lambda f: ["export", "--model", str(f["model"]), "--out", str(f["dir"] / "out_dir")], "out_dir is a folder"),
+    (lambda f: ["export", "--model", str(f["model"]), "--out", str(f["dir"] / "a_file" / "m.pt")],
+     "a_file is a file, not a folder"),
 ]
 
 

@@ -406,9 +406,18 @@ def _check_inputs(config: CampaignConfig) -> None:
     make_sampler(config.search.sampler, space, config.campaign.seed)
     if config.search.pruner not in PRUNERS:
         raise SearchError(f"search.pruner: unknown pruner {config.search.pruner!r}; choose one of {', '.join(PRUNERS)}")
+    from .backbones import BACKBONES
+    from .sources import check_source
+
+    if config.search.trials + len(config.search.baselines) < 1:
+        raise ConfigError("the search is empty: search.trials is 0 and search.baselines is []; give one or both")
+    for phase, budget in config.budget.items():
+        if budget.backbone not in BACKBONES:
+            raise ConfigError(f"budget.{phase}.backbone: unknown backbone {budget.backbone!r}; "
+                              f"choose one of {', '.join(sorted(BACKBONES))}")
     for source in (config.data.test, *config.data.verification):
         if source:
-            parse_source(source)
+            check_source(source)
     baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
     data = data_for(config.data.train)        # loaded once per process: the trials reuse it
     for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial

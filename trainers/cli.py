@@ -31,6 +31,7 @@ from typing import Any
 from marginsearch.losses.errors import MarginsearchError
 
 from .faults import install_from_environment
+from .stores import check_output_file, check_workdir
 
 __all__ = ["main", "parse_assignments", "COMMANDS"]
 
@@ -122,6 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             auxiliary[name] = (float(weight or 1.0), parse_assignments([p for p in params.split(",") if p], "--aux"))
         except ValueError:
             raise UsageError(f"--aux expects name:weight[:key=value,...], got {item!r}") from None
+    check_workdir(Path(args.out), "--out")
     data = training_data(args.data)
     distributed = _init_distributed()
     trained = False
@@ -196,6 +198,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .sources import PairSet, evaluation_data
     from .tracking import load_any_model
 
+    if args.pairs < 1:
+        raise UsageError(f"--pairs must be ≥ 1, got {args.pairs}")
     model, _ = load_any_model(args.model, args.tracking_uri)
     data = evaluation_data(args.data, split=args.split)
     if isinstance(data, PairSet):
@@ -258,6 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
     from .tracking import load_any_model
 
+    check_output_file(Path(args.out))
     model, meta = load_any_model(args.model, args.tracking_uri)
     size = int(meta.get("input_size") or meta.get("input", {}).get("shape", [0, 0, 0, 112])[3])
     path = export_model(model, args.out, args.format, input_size=size, extra={"spec": meta.get("spec")})

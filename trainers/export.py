@@ -118,9 +118,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                           f"({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != "marginsearch-model/1":
         raise ExportError(f"{path}: not a marginsearch model bundle")
-    size = int(state["input_size"])
-    model = EmbeddingModel(build_backbone(state["backbone"], int(state["embedding_size"]), (size, size)))
-    model.load_state_dict(state["state_dict"])
+    try:
+        size = int(state["input_size"])
+        model = EmbeddingModel(build_backbone(state["backbone"], int(state["embedding_size"]), (size, size)))
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: the bundle's weights do not fit its description ({first})") from None
     meta = {"backbone": state["backbone"], "embedding_size": state["embedding_size"], "input_size": size,
             **json.loads(state["extra"])}
     return model.eval(), meta

@@ -51,6 +51,17 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, rest
 
 
+def check_source(source: str) -> None:
+    """Parse `source` and refuse a file or folder it names that does not exist, before anything is loaded."""
+    kind, rest = parse_source(source)
+    if kind == "synthetic":
+        return
+    paths = rest.split("@", 1) if kind == "pairs" else [rest]
+    for path in paths:
+        if not Path(path).exists():
+            raise SourceError(f"{kind}: {path} does not exist (data source {source!r})")
+
+
 def _hwc_to_nchw(images: np.ndarray | Tensor) -> Tensor:
     t = torch.as_tensor(np.ascontiguousarray(images))
     return t.permute(0, 3, 1, 2).contiguous()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from marginsearch.losses.errors import MarginsearchError
 
-__all__ = ["StoreError", "check_workdir", "check_sqlite_file", "sqlite_path"]
+__all__ = ["StoreError", "check_workdir", "check_output_file", "check_sqlite_file", "sqlite_path"]
 
 
 class StoreError(MarginsearchError):
@@ -27,8 +27,17 @@ def check_workdir(path: Path, what: str = "campaign.workdir") -> None:
     existing = path
     while not existing.exists():  # the nearest existing parent decides whether the folder can be made
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise StoreError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise StoreError(f"{what} {path}: {existing} is not writable")
+
+
+def check_output_file(path: Path, what: str = "--out") -> None:
+    """Refuse an output file path that is a folder or lies under a file, before anything is trained or written."""
+    if path.is_dir():
+        raise StoreError(f"{what} {path} is a folder, not a file")
+    check_workdir(path.parent, what)
 
 
 def sqlite_path(uri: str) -> Path | None:

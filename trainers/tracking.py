@@ -84,8 +84,17 @@ def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
     return uri
 
 
+# what MLflow 3 stores accept: a path, file:, sqlite/postgresql/mysql/mssql, an http(s) server, Databricks
+TRACKING_SCHEMES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                              "databricks-uc", "uc"})
+
+
 def check_tracking_uri(uri: str) -> None:
     """TrackingError at once if an http(s) server is silent for 3 s or a sqlite/file store's folder is missing."""
+    scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0] if uri.startswith("file:") else ""
+    if scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise TrackingError(f"tracking URI {uri}: unknown scheme {scheme!r}; use one of "
+                            + ", ".join(sorted(s for s in TRACKING_SCHEMES if s)))
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):

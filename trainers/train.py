@@ -384,6 +384,8 @@ def _load_checkpoint(path: Path, spec: MarginSpec, budget: Budget, device: torch
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         raise TrainError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise TrainError(f"{path}: not a marginsearch checkpoint (it holds a {type(state).__name__})")
     if state.get("spec") != spec.to_dict() or state.get("budget") != _budget_state(budget):
         raise TrainError(f"{path}: checkpoint belongs to another spec or budget")
     backbone.load_state_dict(state["backbone"])

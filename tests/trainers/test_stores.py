@@ -111,3 +111,26 @@ def test_an_interrupted_trial_is_retried_on_resume_like_a_kill(tmp_path, signum,
     trials = optuna.load_study(study_name="demo-1", storage=f"sqlite:///{workdir / 'optuna.db'}").get_trials()
     retries = [t for t in trials if t.system_attrs.get("failed_trial") is not None]
     assert len(retries) == 1 and retries[0].params == interrupted[0].params
+
+
+@pytest.mark.parametrize("target", ["workdir", "mlflow.db", "optuna.db"])
+def test_an_unwritable_workdir_or_store_is_one_line_before_anything_opens(tmp_path, monkeypatch, capsys, target):
+    """Root passes every permission check, so the read-only place is simulated where the check asks (os.access)."""
+    from marginsearch.trainers import stores
+    from marginsearch.trainers.cli import main
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    if target != "workdir":
+        with sqlite3.connect(workdir / target) as db:
+            db.execute("create table t (x)")
+    denied = workdir if target == "workdir" else workdir / target
+    before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+    real_access = os.access
+    monkeypatch.setattr(stores.os, "access",
+                        lambda p, mode: False if Path(p) == denied and mode & os.W_OK else real_access(p, mode))
+    capsys.readouterr()
+    assert main(campaign_argv(workdir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(denied) in err[0] and "not writable" in err[0], err
+    assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before   # no store was created or changed

@@ -9,6 +9,7 @@ labels when flag > 0, then the encoded image. The `.idx` is text `key<TAB>byte o
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -160,8 +161,18 @@ class RecordDataset(Dataset):
         key = self.keys[index]
         where = f"{self.path} key {key}"
         _, labels, encoded = _unpack_image_record(self._record(key), where)
+        label = _identity(labels[0], self.num_classes, where)
         image = decode_image(encoded, where)
-        return (self.transform(image) if self.transform is not None else np.asarray(image)), int(labels[0])
+        return (self.transform(image) if self.transform is not None else np.asarray(image)), label
+
+
+def _identity(value: float, num_classes: int | None, where: str) -> int:
+    """A record's float label as an identity index, refused unless it is a whole number in [0, num_classes)."""
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise DataError(f"{where}: label {value!r} is not an identity index (a whole number ≥ 0)")
+    if num_classes is not None and value >= num_classes:
+        raise DataError(f"{where}: label {int(value)} is outside the {num_classes} identities the file declares")
+    return int(value)
 
 
 def _chunks(payload: bytes) -> bytes:

@@ -161,7 +161,10 @@ def load_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[np.ndarra
         raise DataError(f"{pairs_txt}: no such pairs file")
     if not root.is_dir():
         raise DataError(f"{root}: image root of {pairs_txt} is not a directory")
-    lines = pairs_txt.read_text().splitlines()
+    try:
+        lines = pairs_txt.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{pairs_txt}: not a text pairs list (byte {exc.start} is not UTF-8)") from None
     header = lines[0].split() if lines else []
     if not 1 <= len(header) <= 2 or not all(h.isdigit() for h in header):
         raise DataError(f"{pairs_txt} line 1: expected 'folds pairs_per_fold' or 'pairs', got {lines[:1]}")
