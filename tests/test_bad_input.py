@@ -97,6 +97,7 @@ def files(tmp_path_factory):
     (d / "fake.ts").write_bytes(b"PK\x03\x04" + b"not a zip archive" * 20)
     (d / "out_dir").mkdir()
     (d / "a_file").write_text("x")
+    (d / "one_kind.bin").write_bytes(pickle.dumps(([_png(i) for i in range(4)], [True, True]), protocol=2))
     (d / "binary_pairs.txt").write_bytes(bytes(range(256)) * 4)
     many = [(np.full((16, 16, 3), 3 * i, dtype=np.uint8), i // 2) for i in range(64)]
     for name, value in (("label_huge", 1e30), ("label_nan", float("nan")), ("label_half", 2.5)):
@@ -222,6 +223,8 @@ OTHER_CASES = [
      "wrong_shape.pt: the bundle's weights do not fit its description (size mismatch"),
     (lambda f: ["evaluate", "--model", str(f["dir"] / "fake.ts"), "--data", "synthetic:tiny"],
      "fake.ts: neither a marginsearch model bundle nor a TorchScript export"),
+    (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"bin:{f['dir'] / 'one_kind.bin'}"],
+     "one_kind: all 2 pairs are genuine (same-person); verification needs both kinds"),
     (lambda f: ["evaluate", "--model", str(f["model"]), "--data", "synthetic:tiny", "--pairs", "-5"],
      "--pairs must be ≥ 1, got -5"),
     (lambda f: ["evaluate", "--model", str(f["model"]), "--data", f"pairs:{f['dir'] / 'binary_pairs.txt'}@{f['dir']}"],

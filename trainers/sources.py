@@ -37,6 +37,11 @@ class PairSet:
     issame: np.ndarray
     name: str
 
+    def __post_init__(self) -> None:
+        if self.issame.all() or not self.issame.any():  # accuracy, AUC and TAR@FAR need both kinds of pair
+            kind = "genuine (same-person)" if self.issame.all() else "impostor"
+            raise SourceError(f"{self.name}: all {len(self.issame)} pairs are {kind}; verification needs both kinds")
+
 
 def parse_source(source: str) -> tuple[str, str]:
     """'kind:rest' → (kind, rest); a bare preset name means synthetic."""
