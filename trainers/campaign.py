@@ -30,7 +30,7 @@ from .budget import Budget, budget_dict
 from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
-from .sources import PairSet, evaluation_data, parse_source
+from .sources import PairSet, check_source, evaluation_data, parse_source
 from .stores import check_sqlite_file, check_workdir, sqlite_path
 from .tracking import (
     MLFLOW_RUN_ATTR,
@@ -397,18 +397,17 @@ def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> boo
 
 # ---------------------------------------------------------------------------- the whole campaign
 def _check_inputs(config: CampaignConfig) -> None:
-    """ValueError for a bad space, sampler, pruner, storage or data source, before the campaign records anything."""
+    """One-line errors for a bad space, sampler, pruner, backbone, baseline, reward metric, data source or storage,
+    and for an empty search, before the campaign records anything."""
     from marginsearch.searchspace.search import PRUNERS, SearchError, baseline_params, make_sampler, make_storage
 
+    from .backbones import BACKBONES
     from .judge import undefined_because
 
     space = load_space(config.search.space)
     make_sampler(config.search.sampler, space, config.campaign.seed)
     if config.search.pruner not in PRUNERS:
         raise SearchError(f"search.pruner: unknown pruner {config.search.pruner!r}; choose one of {', '.join(PRUNERS)}")
-    from .backbones import BACKBONES
-    from .sources import check_source
-
     if config.search.trials + len(config.search.baselines) < 1:
         raise ConfigError("the search is empty: search.trials is 0 and search.baselines is []; give one or both")
     for phase, budget in config.budget.items():

@@ -123,8 +123,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = EmbeddingModel(build_backbone(state["backbone"], int(state["embedding_size"]), (size, size)))
         model.load_state_dict(state["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{path}: the bundle's weights do not fit its description ({first})") from None
+        lines = str(exc).strip().splitlines()  # load_state_dict: a heading, then one line per mismatch
+        detail = lines[-1].strip() if lines else type(exc).__name__
+        raise ExportError(f"{path}: the bundle's weights do not fit its description ({detail})") from None
     meta = {"backbone": state["backbone"], "embedding_size": state["embedding_size"], "input_size": size,
             **json.loads(state["extra"])}
     return model.eval(), meta

@@ -20,7 +20,7 @@ from marginsearch.losses.errors import MarginsearchError
 from .judge import LabelledImages
 from .train import TrainData
 
-__all__ = ["SourceError", "PairSet", "parse_source", "training_data", "evaluation_data", "SOURCE_KINDS"]
+__all__ = ["SourceError", "PairSet", "parse_source", "check_source", "training_data", "evaluation_data", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("synthetic", "imagefolder", "recordio", "bin", "pairs")
 
@@ -56,15 +56,22 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, rest
 
 
-def check_source(source: str) -> None:
-    """Parse `source` and refuse a file or folder it names that does not exist, before anything is loaded."""
+def check_source(source: str) -> tuple[str, str]:
+    """`parse_source`, then refuse a file or folder the source names that does not exist, before anything loads."""
     kind, rest = parse_source(source)
-    if kind == "synthetic":
-        return
-    paths = rest.split("@", 1) if kind == "pairs" else [rest]
-    for path in paths:
-        if not Path(path).exists():
-            raise SourceError(f"{kind}: {path} does not exist (data source {source!r})")
+    _check_paths(kind, rest, source)
+    return kind, rest
+
+
+def _check_paths(kind: str, rest: str, source: str) -> None:
+    if kind == "pairs":
+        pairs, _, root = rest.partition("@")
+        if not root:
+            raise SourceError(f"pairs source needs an image root: pairs:<pairs.txt>@<image root>, got {source!r}")
+        from .data import check_pairs_paths
+        check_pairs_paths(pairs, root)
+    elif kind != "synthetic" and not Path(rest).exists():
+        raise SourceError(f"{kind}: {rest} does not exist")
 
 
 def _hwc_to_nchw(images: np.ndarray | Tensor) -> Tensor:
@@ -74,8 +81,6 @@ def _hwc_to_nchw(images: np.ndarray | Tensor) -> Tensor:
 
 def _labelled(kind: str, rest: str) -> tuple[Tensor, Tensor]:
     """All images (uint8 NCHW) and labels of a folder or RecordIO source."""
-    if not Path(rest).exists():
-        raise SourceError(f"{kind}: {rest} does not exist")
     from .data import ImageFolderDataset, RecordDataset, to_labelled_tensor
 
     dataset = ImageFolderDataset(rest) if kind == "imagefolder" else RecordDataset(rest)
@@ -105,13 +110,14 @@ def training_data(source: str, cache_dir: str | Path | None = None, val_fraction
         return TrainData.from_benchmark(load_synthetic(rest, cache_dir=cache_dir), rest)
     if kind in ("bin", "pairs"):
         raise SourceError(f"{source}: a verification pair list cannot be trained on; use it with evaluate")
+    _check_paths(kind, rest, source)
     images, labels = _labelled(kind, rest)
     return _split_identities(images, labels, val_fraction, Path(rest).name)
 
 
 def evaluation_data(source: str, split: str = "test", cache_dir: str | Path | None = None) -> LabelledImages | PairSet:
     """Labelled images (synthetic split, folder, RecordIO) or a pair list (bin, pairs) to judge a model on."""
-    kind, rest = parse_source(source)
+    kind, rest = check_source(source)
     if kind == "synthetic":
         from .data.synthetic import load_synthetic
         bench = load_synthetic(rest, cache_dir=cache_dir)
@@ -121,15 +127,11 @@ def evaluation_data(source: str, split: str = "test", cache_dir: str | Path | No
         return LabelledImages(s.images, s.labels, s.hard, f"{rest}/{split}")
     if kind == "bin":
         from .data import load_bin
-        if not Path(rest).exists():
-            raise SourceError(f"bin: {rest} does not exist")
         images, issame = load_bin(rest)
         return PairSet(_hwc_to_nchw(images), np.asarray(issame, dtype=bool), Path(rest).stem)
     if kind == "pairs":
         from .data import load_pairs
         pairs, _, root = rest.partition("@")
-        if not root:
-            raise SourceError(f"pairs source needs an image root: pairs:<pairs.txt>@<image root>, got {source!r}")
         images, issame = load_pairs(pairs, root)
         return PairSet(_hwc_to_nchw(images), np.asarray(issame, dtype=bool), Path(pairs).stem)
     images, labels = _labelled(kind, rest)

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Mapping
@@ -91,8 +92,8 @@ TRACKING_SCHEMES = frozenset({"", "file", "sqlite", "postgresql", "mysql", "mssq
 
 def check_tracking_uri(uri: str) -> None:
     """TrackingError at once if an http(s) server is silent for 3 s or a sqlite/file store's folder is missing."""
-    scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0] if uri.startswith("file:") else ""
-    if scheme.split("+")[0] not in TRACKING_SCHEMES:
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme.split("+")[0] not in TRACKING_SCHEMES:  # a SQLAlchemy driver suffix (postgresql+psycopg2) is fine
         raise TrackingError(f"tracking URI {uri}: unknown scheme {scheme!r}; use one of "
                             + ", ".join(sorted(s for s in TRACKING_SCHEMES if s)))
     if uri.startswith(("http://", "https://")):

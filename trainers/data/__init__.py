@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 __all__ = ["DataError", "ImageFolderDataset", "RecordDataset", "write_record_file", "to_labelled_tensor",
-           "decode_image", "load_bin", "load_pairs"]
+           "decode_image", "load_bin", "load_pairs", "check_pairs_paths"]
 
 
 _HOME_OF = {
@@ -22,6 +22,7 @@ _HOME_OF = {
     "write_record_file": "recordio",
     "load_bin": "verification",
     "load_pairs": "verification",
+    "check_pairs_paths": "verification",
 }
 
 

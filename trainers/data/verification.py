@@ -151,16 +151,22 @@ def _pair_image(root: Path, name: str, number: int, where: str) -> Path:
     raise DataError(f"{where}: image {stem}.jpg (or .png) not found")
 
 
-def load_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """LFW `pairs.txt` + image root → (images uint8 [2N, H, W, 3] RGB, issame bool [N]); sizes follow the first image.
-
-    First line `folds pairs_per_fold` (LFW: `10 300`, each fold 300 same then 300 different) or `pairs`.
-    """
+def check_pairs_paths(pairs_txt: str | Path, image_root: str | Path) -> tuple[Path, Path]:
+    """The pairs file and its image root as paths; DataError unless the file and the folder exist."""
     pairs_txt, root = Path(pairs_txt), Path(image_root)
     if not pairs_txt.is_file():
         raise DataError(f"{pairs_txt}: no such pairs file")
     if not root.is_dir():
         raise DataError(f"{root}: image root of {pairs_txt} is not a directory")
+    return pairs_txt, root
+
+
+def load_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """LFW `pairs.txt` + image root → (images uint8 [2N, H, W, 3] RGB, issame bool [N]); sizes follow the first image.
+
+    First line `folds pairs_per_fold` (LFW: `10 300`, each fold 300 same then 300 different) or `pairs`.
+    """
+    pairs_txt, root = check_pairs_paths(pairs_txt, image_root)
     try:
         lines = pairs_txt.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
