@@ -14,6 +14,8 @@ from typing import Any
 
 from marginsearch.losses.errors import MarginsearchError
 
+from .images import FITS
+
 __all__ = ["Budget", "BudgetError", "BUDGETS", "budget_from"]
 
 
@@ -29,7 +31,8 @@ class Budget:
     batch_size: int = 128
     backbone: str = "tiny"
     embedding_size: int = 128
-    image_size: int | None = None        # None: the data's own size
+    image_size: int | tuple[int, int] | None = None  # pixels: N (N×N), [height, width], or None: the data's own size
+    image_fit: str = "resize"            # "resize" (stretch to image_size) or "crop" (scale to cover, cut the centre)
     identities: int | None = None        # train on the first N identities only (proxy); None or 0: all
     optimizer: str = "sgd"               # "sgd" (momentum) or "adamw"
     lr: float = 0.1
@@ -47,6 +50,7 @@ class Budget:
     flip: bool = True                    # random horizontal flip
     seed: int = 0
     eval_pairs: int = 3000               # positive and negative pairs each for 10-fold verification
+    workers: int | None = None           # data-loading processes for streamed (folder, RecordIO) data; None: auto
     reward_metric: str = "tar@far=1e-3"  # the evaluator metric a search maximises
 
     def __post_init__(self) -> None:
@@ -59,6 +63,9 @@ class Budget:
                 words = [_TYPE_WORDS[k] for k in kinds if not (k is int and float in kinds)]  # an int is a number
                 wanted = " or ".join(words)
                 raise BudgetError(f"budget: {name} must be {wanted}, got {value!r}")
+        sides = self.image_size if isinstance(self.image_size, tuple) else ()
+        if sides and not (len(sides) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in sides)):
+            raise BudgetError(f"budget: image_size must be an integer or [height, width], got {list(self.image_size)}")
         if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in self.milestones):
             raise BudgetError(f"budget: milestones must be fractions of training in (0, 1), "
                               f"got {list(self.milestones)}")
@@ -83,8 +90,10 @@ class Budget:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.identities in (None, 0) or self.identities >= 2,
              f"identities must be 0 (all) or ≥ 2, got {self.identities}"),
-            (self.image_size is None or 8 <= self.image_size <= 512,
-             f"image_size must be in [8, 512], got {self.image_size}"),
+            (self.image_size is None or all(8 <= v <= 512 for v in _sides(self.image_size)),
+             f"image_size must be N or [height, width] within [8, 512], got {self.image_size}"),
+            (self.image_fit in FITS, f"image_fit must be one of {', '.join(FITS)}, got {self.image_fit!r}"),
+            (self.workers is None or self.workers >= 0, f"workers must be ≥ 0 or none, got {self.workers}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,10 +101,18 @@ class Budget:
 
 
 _INT, _FLOAT, _NONE = (int,), (int, float), (type(None),)
+
+
+def _sides(image_size: int | tuple[int, int]) -> tuple[int, ...]:
+    return (image_size,) if isinstance(image_size, int) else tuple(image_size)
+
+
 _TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", tuple: "a list",
                type(None): "none"}
 FIELD_TYPES: dict[str, tuple[type, ...]] = {  # the accepted Python types of each field (ints pass as floats)
-    "epochs": _INT, "batch_size": _INT, "backbone": (str,), "embedding_size": _INT, "image_size": _INT + _NONE,
+    "epochs": _INT, "batch_size": _INT, "backbone": (str,), "embedding_size": _INT,
+    "image_size": _INT + (tuple,) + _NONE,
+    "image_fit": (str,), "workers": _INT + _NONE,
     "identities": _INT + _NONE, "optimizer": (str,), "lr": _FLOAT, "head_lr": _FLOAT + _NONE,
     "head_weight_decay": (bool,), "momentum": _FLOAT, "weight_decay": _FLOAT, "warmup_epochs": _FLOAT,
     "schedule": (str,), "milestones": (tuple,), "grad_clip": _FLOAT + _NONE, "amp": (str,), "compile": (bool,),
@@ -120,6 +137,7 @@ def budget_from(name_or_budget: str | Budget = "proxy", **overrides: Any) -> Bud
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise BudgetError(f"budget: unknown field(s) {unknown}; known: {', '.join(sorted(fields))}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}  # TOML and JSON lists
     return dataclasses.replace(base, **overrides)
 
 

@@ -30,7 +30,7 @@ from .budget import Budget, budget_dict
 from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
-from .sources import PairSet, check_source, evaluation_data, parse_source
+from .sources import PairSet, Split, check_source, evaluation_data, parse_source
 from .stores import check_sqlite_file, check_workdir, sqlite_path
 from .tracking import (
     MLFLOW_RUN_ATTR,
@@ -78,13 +78,13 @@ class TrackedObjective:
     """
 
     def __init__(self, data_source: str, budget: Budget, tracker: CampaignTracker, parent_run_id: str,
-                 campaign_key: str, cache_dir: str | None = None) -> None:
-        self.data_source, self.budget, self.tracker = data_source, budget, tracker
+                 campaign_key: str, cache_dir: str | None = None, split: Split | None = None) -> None:
+        self.data_source, self.budget, self.tracker, self.split = data_source, budget, tracker, split
         self.parent_run_id, self.campaign_key, self.cache_dir = parent_run_id, campaign_key, cache_dir
 
     def __call__(self, spec: MarginSpec, report: Callable[[int, float], None]) -> float:
         """Train `spec` on the proxy budget, logging every epoch; TrialFailed if it diverges."""
-        data = data_for(self.data_source, self.cache_dir)
+        data = data_for(self.data_source, self.cache_dir, self.split)
         key = f"{self.campaign_key}/{spec_key(spec)}"
         params = {"budget": budget_dict(self.budget), "data": self.data_source}
         context = current_trial()  # the Optuna trial, when it runs in this process
@@ -223,7 +223,8 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
     s = config.search
     if retry_running:
         _retry_abandoned_trials(config, key, log)
-    objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key)
+    objective = TrackedObjective(config.data.train, config.budget["proxy"], tracker, parent, key,
+                                 split=config.data.split)
     log(f"search: {s.trials} trials + {len(s.baselines)} named baselines over space '{s.space}' "
         f"({s.backend}, {s.sampler} sampler, {s.pruner} pruner, proxy {config.budget['proxy'].epochs} epochs)")
     result = run_search(s.space, objective, backend=s.backend, sampler=s.sampler, n_trials=s.trials + len(s.baselines),
@@ -340,14 +341,14 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
         return Promoted(spec, named, row.reward, _native_metrics(metrics), done[0].info.run_id, trial_run_id)
     budget = config.budget["full"]
     log(f"promote: training {named or 'searched spec ' + skey} on the full budget ({budget.epochs} epochs)")
-    data = data_for(config.data.train)
+    data = data_for(config.data.train, split=config.data.split)
     checkpoint = config.workdir / "checkpoints" / key / f"{skey}.pt"
     result = train(spec, data, budget, checkpoint=checkpoint, progress=True)
     if result.status == "diverged":
         raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
     metrics = _evaluate(config, result.model, budget.seed)
     metrics["full/val_reward"] = result.reward
-    size = budget.image_size or int(data.images.shape[-1])
+    size = data.preprocess(budget).width  # (interim: square models only until export records Preprocess)
     run_id = tracker.log_promoted(parent, trial_run_id, spec, metrics, result.model, size,
                                   name=f"promoted {named or skey}",
                                   params={"budget": budget_dict(budget), "data": config.data.train},
@@ -418,7 +419,7 @@ def _check_inputs(config: CampaignConfig) -> None:
         if source:
             check_source(source)
     baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
-    data = data_for(config.data.train)        # loaded once per process: the trials reuse it
+    data = data_for(config.data.train, split=config.data.split)        # loaded once per process: the trials reuse it
     for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial
         why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy())
         if why is not None:

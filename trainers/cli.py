@@ -107,6 +107,21 @@ def _init_distributed() -> bool:
     return True
 
 
+def _names(value: str | None) -> tuple[str, ...] | str:
+    """--identities / --val-identities: a file of names if one exists by that name, else comma-separated names."""
+    if not value:
+        return ()
+    return value if Path(value).expanduser().is_file() else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _split(args: argparse.Namespace):
+    """The identity split that train's --identities, --val-* options ask for (None: the source's own)."""
+    from .sources import Split
+
+    split = Split(_names(args.identities), args.val_fraction, _names(args.val_identities), args.val_data)
+    return None if split == Split() else split
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .budget import budget_from
     from .export import save_bundle
@@ -124,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--aux expects name:weight[:key=value,...], got {item!r}") from None
     check_workdir(Path(args.out), "--out")
-    data = training_data(args.data)
+    data = training_data(args.data, split=_split(args))
     distributed = _init_distributed()
     trained = False
     try:
@@ -142,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 # a non-zero rank ends here with 0, also when training raised (rank 0 reports): kept as it was
                 return 0  # noqa: B012
     out = Path(args.out)
-    size = budget.image_size or int(data.images.shape[-1])
+    size = data.preprocess(budget).width  # (interim: square models only until export records Preprocess)
     path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, size,
                        {"spec": spec.to_dict(), "metrics": result.metrics, "status": result.status})
     summary = {"status": result.status, "reason": result.reason, "reward": result.reward,
@@ -302,6 +317,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a spec field, named as `spec.flat()` prints them, e.g. target.m2_rad=0.45 or s=32")
     s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
+    s.add_argument("--identities", metavar="NAMES_OR_FILE",
+                   help="folder/RecordIO data: only these identities (comma-separated, or a file of one per line)")
+    s.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="folder/RecordIO data: validate on the last fraction F of identities in name order (0.1)")
+    s.add_argument("--val-identities", metavar="NAMES_OR_FILE", help="validate on these identities instead")
+    s.add_argument("--val-data", default="", metavar="SOURCE", help="validate on this folder/RecordIO source instead")
     s.add_argument("--budget", default="proxy", help="proxy or full")
     s.add_argument("--budget-set", action="append", metavar="KEY=VALUE", help="override a budget field, e.g. epochs=2")
     s.add_argument("--aux", action="append", metavar="NAME:WEIGHT[:K=V,...]", help="auxiliary term, e.g. range:0.1")

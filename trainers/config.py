@@ -24,6 +24,7 @@ from marginsearch.losses.errors import MarginsearchError
 from marginsearch.searchspace.options import DEFAULT_POPULATION
 
 from .budget import BUDGETS, Budget, budget_from
+from .sources import Split
 
 __all__ = ["ConfigError", "CampaignConfig", "load_config", "override", "config_to_toml"]
 
@@ -48,6 +49,18 @@ class DataSection:
     train: str = "synthetic:demo"
     test: str = ""              # "" = the test split of a synthetic train source
     verification: tuple[str, ...] = ()   # e.g. ["bin:/data/lfw.bin", "pairs:/data/pairs.txt@/data/lfw"]
+    # folder and RecordIO train sources (`sources.Split`): identity names (folder names or label numbers), as a
+    # list or a file with one name per line
+    identities: tuple[str, ...] | str = ()   # train and validate on these identities only; () = all
+    val_fraction: float = 0.1                # validation: the last fraction of the identities in name order ...
+    val_identities: tuple[str, ...] | str = ()  # ... or these identities ...
+    val: str = ""                            # ... or a separate imagefolder:/recordio: source
+
+    @property
+    def split(self) -> Split | None:
+        """The identity split of a folder or RecordIO train source; None: the source's own (synthetic)."""
+        split = Split(self.identities, self.val_fraction, self.val_identities, self.val)
+        return None if split == Split() else split
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,9 @@ def _plain(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
 
 
+_LIST_OR_FILE = ("data.identities", "data.val_identities")  # a list of strings, or a file of them
+
+
 def _coerce(where: str, value: Any, default: Any) -> Any:
     """`value` checked against the type of the field's default (ints are accepted for floats, lists become tuples)."""
     if isinstance(default, bool) or isinstance(value, bool):
@@ -133,6 +149,8 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
+    if isinstance(default, tuple) and where in _LIST_OR_FILE and isinstance(value, str):
+        return value  # the name of a file holding the list
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
@@ -180,6 +198,7 @@ def _validate(config: CampaignConfig) -> CampaignConfig:
         (s.cpus_per_trial > 0, f"search.cpus_per_trial must be > 0, got {s.cpus_per_trial}"),
         (s.gpus_per_trial >= 0, f"search.gpus_per_trial must be ≥ 0, got {s.gpus_per_trial}"),
         (p.top_k >= 0, f"promote.top_k must be ≥ 0, got {p.top_k}"),
+        (0 < config.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}"),
         (bool(config.campaign.name.strip()), "campaign.name must not be empty"),
         (set(config.campaign.name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."),
          f"campaign.name may hold letters, digits, '-', '_' and '.', got {config.campaign.name!r}"),

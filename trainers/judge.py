@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from . import evaluate as ev
-from .images import to_float_images
+from .images import ImageBatcher, Preprocess
 
-__all__ = ["LabelledImages", "embed", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS",
+__all__ = ["LabelledImages", "embed", "model_preprocess", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS",
            "undefined_because"]
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -21,31 +23,60 @@ METRICS = (*(f"tar@far={far:.0e}".replace("e-0", "e-") for far in FARS), "auc", 
 
 @dataclass
 class LabelledImages:
-    """Held-out images (uint8 [N, 3, H, W]) with identity labels and optional hard-sample flags."""
+    """Held-out images (uint8 [N, 3, H, W], or a Dataset of HWC uint8 RGB items) with identity labels and optional
+    hard-sample flags."""
 
-    images: Tensor
+    images: Tensor | Dataset
     labels: Tensor
     hard: Tensor | None = None
     name: str = "val"
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: Tensor, size: int | None = None, batch_size: int = 512,
-          device: torch.device | str = "cpu", flip: bool = True) -> np.ndarray:
+def embed(model: nn.Module, images: Tensor | Dataset, preprocess: Preprocess | None = None, batch_size: int = 512,
+          device: torch.device | str = "cpu", flip: bool = True, workers: int = 0) -> np.ndarray:
     """L2-normalised embeddings [N, D] (float64), each the normalised sum of the image's and its mirror's
-    (insightface)."""
+    (insightface).
+
+    `images`: uint8 [N, 3, H, W], or a Dataset of (HWC uint8 RGB array, label) read in batches;
+    prepared by `preprocess` (default: the model's own, `model_preprocess`).
+    """
+    preprocess = preprocess or model_preprocess(model, images)
     was_training = model.training
     _set_training(model, False)
+    if isinstance(images, Tensor):
+        batches: Any = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
+    else:
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=ImageBatcher(preprocess))
+        batches = (batch for batch, _ in loader)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float_images(images[start:start + batch_size], size).to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
+    for batch in batches:
+        x = preprocess.floats(batch).to(device).contiguous(memory_format=torch.channels_last)
         e = model(x).float()
         if flip:
             e = e + model(x.flip(-1)).float()
         out.append(torch.nn.functional.normalize(e, dim=1).cpu())
     _set_training(model, was_training)
     return torch.cat(out).double().numpy()
+
+
+def model_preprocess(model: nn.Module, images: Tensor | Dataset | None = None) -> Preprocess:
+    """How a model wants its images: its `preprocess` (set by training and by the loaders), else its backbone's input
+    size stretched, else the images' own size."""
+    recorded = getattr(model, "preprocess", None)
+    if isinstance(recorded, Preprocess):
+        return recorded
+    size = getattr(model, "input_size", None) or getattr(getattr(model, "backbone", model), "input_size", None)
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        return Preprocess(int(height), int(width))
+    if isinstance(images, Tensor):
+        return Preprocess(int(images.shape[-2]), int(images.shape[-1]))
+    if images is not None:
+        first = images[0][0]
+        return Preprocess(int(first.shape[0]), int(first.shape[1]))
+    raise ValueError("the model records no input size and no images were given")
 
 
 def _set_training(model: nn.Module, mode: bool) -> None:
@@ -81,15 +112,14 @@ def undefined_because(metric: str, labels: np.ndarray) -> str | None:
 
 
 def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int = 0,
-          device: torch.device | str = "cpu") -> dict[str, float]:
+          device: torch.device | str = "cpu", workers: int = 0) -> dict[str, float]:
     """Verification (all-pairs TAR@FAR, ROC AUC; 10-fold accuracy on sampled pairs), hard pairs, rank-1.
 
     Keys: tar@far=1e-2 … 1e-6 (NaN where there are too few negative pairs), auc, accuracy,
     accuracy_std, val@far=1e-3, hard_accuracy, rank1, and hard_sample_tar@far=1e-3 when the
     data flags hard samples.
     """
-    size = _model_input_size(model)
-    emb = embed(model, data.images, size=size, device=device)
+    emb = embed(model, data.images, device=device, workers=workers)
     labels = data.labels.cpu().numpy()
     metrics: dict[str, float] = {}
 
@@ -125,7 +155,7 @@ def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray,
                 device: torch.device | str = "cpu") -> dict[str, float]:
     """A verification pair list (.bin or pairs.txt; pair i = images 2i, 2i+1): insightface 10-fold accuracy, VAL,
     TAR@FAR, AUC."""
-    emb = embed(model, images, size=_model_input_size(model), device=device)
+    emb = embed(model, images, device=device)
     e1, e2 = emb[0::2], emb[1::2]
     issame = np.asarray(issame, dtype=bool)
     ver = ev.verification_accuracy(e1, e2, issame)
@@ -144,7 +174,7 @@ def judge_long_tail(model: nn.Module, probe: LabelledImages, train_counts: Tenso
 
     Keys: head_rank1, middle_rank1, tail_rank1 (the long-tail view of Range loss, KappaFace).
     """
-    emb = embed(model, probe.images, size=_model_input_size(model), device=device)
+    emb = embed(model, probe.images, device=device)
     counts = np.asarray(train_counts.cpu() if isinstance(train_counts, Tensor) else train_counts)
     buckets = ev.accuracy_by_frequency(emb, probe.labels.cpu().numpy(), counts)
     return {f"{bucket}_rank1": value for bucket, value in buckets.items()}
@@ -164,10 +194,3 @@ def _pair_scores(emb: np.ndarray, block_floats: int = 1 << 22) -> np.ndarray:
         gram = emb[start:start + rows] @ emb[start:].T          # row r holds pairs (start + r, start + c)
         parts.append(gram[np.triu(np.ones(gram.shape, dtype=bool), k=1)])
     return np.concatenate(parts) if parts else np.empty(0)
-
-
-def _model_input_size(model: nn.Module) -> int | None:
-    """The input size a model was trained at: its own `input_size` (set on a loaded MLflow model), else its
-    backbone's."""
-    size = getattr(model, "input_size", None) or getattr(getattr(model, "backbone", model), "input_size", None)
-    return size[0] if isinstance(size, tuple) else size

@@ -18,19 +18,19 @@ from marginsearch.losses import MarginSoftmax, MarginSpec, WithAuxiliary, build_
 from marginsearch.searchspace.results import TrialFailed
 
 from .budget import Budget
-from .sources import training_data
+from .sources import Split, training_data
 from .train import Auxiliary, TrainData, train
 
 __all__ = ["TrainingObjective", "PopulationObjective", "data_for"]
 
-_DATA: dict[tuple[str, str | None], TrainData] = {}
+_DATA: dict[tuple[str, str | None, Split | None], TrainData] = {}
 
 
-def data_for(source: str, cache_dir: str | Path | None = None) -> TrainData:
-    """The training data of a source string, loaded once per process."""
-    key = (source, None if cache_dir is None else str(cache_dir))
+def data_for(source: str, cache_dir: str | Path | None = None, split: Split | None = None) -> TrainData:
+    """The training data of a source string (with its identity `split`), loaded once per process."""
+    key = (source, None if cache_dir is None else str(cache_dir), split)
     if key not in _DATA:
-        _DATA[key] = training_data(source, cache_dir=cache_dir)
+        _DATA[key] = training_data(source, cache_dir=cache_dir, split=split)
     return _DATA[key]
 
 
@@ -47,14 +47,14 @@ class TrainingObjective:
     return the last."""
 
     def __init__(self, data_source: str, budget: Budget, auxiliary: Auxiliary | None = None,
-                 cache_dir: str | Path | None = None, device: str | None = None) -> None:
+                 cache_dir: str | Path | None = None, device: str | None = None, split: Split | None = None) -> None:
         self.data_source, self.budget, self.auxiliary = data_source, budget, auxiliary
-        self.cache_dir, self.device = cache_dir, device
+        self.cache_dir, self.device, self.split = cache_dir, device, split
 
     def __call__(self, spec: MarginSpec, report: Callable[[int, float], None]) -> float:
         """Train `spec`; `report(epoch, reward)` may raise to prune; TrialFailed if it diverges or its reward is not
         finite."""
-        data = data_for(self.data_source, self.cache_dir)
+        data = data_for(self.data_source, self.cache_dir, self.split)
         result = train(spec, data, self.budget, auxiliary=self.auxiliary, device=self.device,
                        on_epoch=lambda r: report(r.epoch, r.reward))
         return _final_reward(result.status, result.reason, result.reward, self.budget.reward_metric)
@@ -74,11 +74,11 @@ class PopulationObjective:
     """
 
     def __init__(self, data_source: str, budget: Budget, epochs_per_round: int = 1, auxiliary: Auxiliary | None = None,
-                 cache_dir: str | Path | None = None, device: str | None = None) -> None:
+                 cache_dir: str | Path | None = None, device: str | None = None, split: Split | None = None) -> None:
         if epochs_per_round < 1:
             raise ValueError(f"epochs_per_round must be ≥ 1, got {epochs_per_round}")
         self.data_source, self.budget, self.epochs_per_round = data_source, budget, epochs_per_round
-        self.auxiliary, self.cache_dir, self.device = auxiliary, cache_dir, device
+        self.auxiliary, self.cache_dir, self.device, self.split = auxiliary, cache_dir, device, split
 
     def _fresh_head_state(self, spec: MarginSpec, data: TrainData) -> dict[str, torch.Tensor]:
         classes = data.subset(self.budget.identities).num_classes
@@ -97,7 +97,7 @@ class PopulationObjective:
 
     def __call__(self, spec: MarginSpec, start_state: Mapping[str, Any] | None) -> tuple[float, dict[str, Any]]:
         """Train one round of `spec` from `start_state`; (reward, end state). TrialFailed if it diverges."""
-        data = data_for(self.data_source, self.cache_dir)
+        data = data_for(self.data_source, self.cache_dir, self.split)
         done = len(start_state["history"]) if start_state is not None else 0
         if done + self.epochs_per_round > self.budget.epochs:
             raise ValueError(f"population: the start state has trained {done} of {self.budget.epochs} epochs; "

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from marginsearch.losses.errors import MarginsearchError
 
 from .judge import LabelledImages
 from .train import TrainData
 
-__all__ = ["SourceError", "PairSet", "parse_source", "check_source", "training_data", "evaluation_data", "SOURCE_KINDS"]
+__all__ = ["SourceError", "PairSet", "Split", "ImageView", "parse_source", "check_source", "training_data",
+           "evaluation_data", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("synthetic", "imagefolder", "recordio", "bin", "pairs")
 
@@ -79,40 +82,144 @@ def _hwc_to_nchw(images: np.ndarray | Tensor) -> Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def _labelled(kind: str, rest: str) -> tuple[Tensor, Tensor]:
-    """All images (uint8 NCHW) and labels of a folder or RecordIO source."""
-    from .data import ImageFolderDataset, RecordDataset, to_labelled_tensor
+class ImageView(Dataset):
+    """Some items of an image dataset with new labels: item i is (base[indices[i]] image, labels[i]), decoded on
+    demand."""
 
-    dataset = ImageFolderDataset(rest) if kind == "imagefolder" else RecordDataset(rest)
-    images, labels = to_labelled_tensor(dataset)
-    return images, labels
+    def __init__(self, base: Dataset, indices: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+        self.base, self.classes = base, classes
+        self.indices, self.labels_array = np.asarray(indices), np.asarray(labels)
 
+    def __len__(self) -> int:
+        return len(self.indices)
 
-def _split_identities(images: Tensor, labels: Tensor, val_fraction: float, name: str) -> TrainData:
-    """Hold out the last `val_fraction` of identities (at least 2) for the reward; relabel both parts densely."""
-    ids = torch.unique(labels)
-    n_val = max(2, int(round(len(ids) * val_fraction)))
-    if len(ids) - n_val < 2:
-        raise SourceError(f"{name}: {len(ids)} identities are too few to hold {n_val} out for validation")
-    val_ids = ids[-n_val:]
-    is_val = torch.isin(labels, val_ids)
-    train_labels = torch.unique(labels[~is_val], return_inverse=True)[1]
-    val_labels = torch.unique(labels[is_val], return_inverse=True)[1]
-    val = LabelledImages(images[is_val], val_labels, None, "val")
-    return TrainData(images[~is_val], train_labels, int(train_labels.max()) + 1, val, name)
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.base[int(self.indices[i])][0], int(self.labels_array[i])
+
+    def take(self, rows: np.ndarray) -> ImageView:
+        """The items at `rows` of this view, labels unchanged."""
+        return ImageView(self.base, self.indices[rows], self.labels_array[rows], self.classes)
 
 
-def training_data(source: str, cache_dir: str | Path | None = None, val_fraction: float = 0.1) -> TrainData:
-    """A `TrainData` from a training source string."""
+@dataclass(frozen=True)
+class Split:
+    """Which identities of a folder or RecordIO source are used, and which of them give the reward (validation).
+
+    Identities are named by folder name (ImageFolder) or label number (RecordIO); a string instead
+    of a list is a file with one name per line. Validation: `val` (a separate source), else
+    `val_identities`, else the last `val_fraction` of the identities in name order (at least 2).
+    """
+
+    identities: tuple[str, ...] | str = ()
+    val_fraction: float = 0.1
+    val_identities: tuple[str, ...] | str = ()
+    val: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise SourceError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+    def names(self, field: str) -> tuple[str, ...]:
+        """The identity names of `identities` or `val_identities`, read from the file when one is named."""
+        value = getattr(self, field)
+        if not isinstance(value, str):
+            return tuple(str(v) for v in value)
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise SourceError(f"data.{field}: identity list file {path} does not exist")
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"data.{field}: cannot read {path} as text ({type(exc).__name__})") from None
+        return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+    def check(self) -> None:
+        """Refuse a missing identity file or validation source before anything loads."""
+        self.names("identities"), self.names("val_identities")
+        if self.val:
+            kind, _ = check_source(self.val)
+            if kind not in ("imagefolder", "recordio"):
+                raise SourceError(f"data.val: {self.val} must be an imagefolder: or recordio: source")
+
+
+def _image_dataset(kind: str, rest: str) -> Any:
+    """The reader of a folder or RecordIO source (items: HWC uint8 RGB array, label; `labels`, `classes`)."""
+    from .data import ImageFolderDataset, RecordDataset
+
+    if kind == "recordio":
+        return RecordDataset(rest)  # every record's label is read (and checked) when the split is made
+    folder = ImageFolderDataset(rest)
+    folder.check_headers()
+    return folder
+
+
+def _indices_of(names: tuple[str, ...], classes: list[str], what: str, source: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise SourceError(f"{what}: {len(unknown)} identit{'y' if len(unknown) == 1 else 'ies'} not in {source}: "
+                          + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    return np.array(sorted({index[n] for n in names}), dtype=np.int64)
+
+
+def _view(dataset: Any, labels: np.ndarray, keep_ids: np.ndarray) -> ImageView:
+    """The images of identities `keep_ids`, relabelled 0..K−1 in that order."""
+    rows = np.flatnonzero(np.isin(labels, keep_ids))
+    dense = np.searchsorted(keep_ids, labels[rows])
+    return ImageView(dataset, rows, dense, [dataset.classes[i] for i in keep_ids])
+
+
+def _identities(source: str, split: Split | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(reader, every image's label, the identity ids kept) of a folder or RecordIO source: those `split` names, else
+    all."""
+    kind, rest = check_source(source)
+    dataset = _image_dataset(kind, rest)
+    labels = np.asarray(dataset.labels)
+    present = np.unique(labels)
+    chosen = split.names("identities") if split is not None else ()
+    ids = _indices_of(chosen, dataset.classes, "data.identities", source) if chosen else present
+    missing = np.setdiff1d(ids, present)
+    if len(missing):
+        raise SourceError(f"data.identities: identity {dataset.classes[missing[0]]} has no image in {source}")
+    return dataset, labels, ids
+
+
+def training_data(source: str, cache_dir: str | Path | None = None, split: Split | None = None) -> TrainData:
+    """A `TrainData` from a training source string: the synthetic benchmark in memory, folders and RecordIO
+    streamed."""
     kind, rest = parse_source(source)
+    split = split or Split()
     if kind == "synthetic":
+        if split != Split():
+            raise SourceError("data.identities, val_fraction, val_identities and val apply to imagefolder: and "
+                              "recordio: sources; the synthetic benchmark has its own validation split")
         from .data.synthetic import load_synthetic
         return TrainData.from_benchmark(load_synthetic(rest, cache_dir=cache_dir), rest)
     if kind in ("bin", "pairs"):
         raise SourceError(f"{source}: a verification pair list cannot be trained on; use it with evaluate")
-    _check_paths(kind, rest, source)
-    images, labels = _labelled(kind, rest)
-    return _split_identities(images, labels, val_fraction, Path(rest).name)
+    split.check()
+    dataset, labels, ids = _identities(source, split)
+    name = Path(rest).name
+    if split.val:
+        return _train_data(_view(dataset, labels, ids), _view(*_identities(split.val)), name)
+    if split.names("val_identities"):
+        val_ids = _indices_of(split.names("val_identities"), dataset.classes, "data.val_identities", source)
+        outside = np.setdiff1d(val_ids, ids)
+        if len(outside):
+            raise SourceError(f"data.val_identities: {dataset.classes[outside[0]]} is not among data.identities")
+    else:
+        val_ids = ids[-max(2, int(round(len(ids) * split.val_fraction))):]
+    train_ids = np.setdiff1d(ids, val_ids)
+    if len(train_ids) < 2:
+        raise SourceError(f"{name}: {len(ids)} identities are too few to hold {len(val_ids)} out for validation "
+                          "and train on the rest")
+    return _train_data(_view(dataset, labels, train_ids), _view(dataset, labels, val_ids), name)
+
+
+def _train_data(train_view: ImageView, val_view: ImageView, name: str) -> TrainData:
+    val = LabelledImages(val_view, torch.from_numpy(val_view.labels_array), None, "val")
+    labels = torch.from_numpy(train_view.labels_array)
+    return TrainData(train_view, labels, len(train_view.classes), val, name)
 
 
 def evaluation_data(source: str, split: str = "test", cache_dir: str | Path | None = None) -> LabelledImages | PairSet:
@@ -134,6 +241,6 @@ def evaluation_data(source: str, split: str = "test", cache_dir: str | Path | No
         pairs, _, root = rest.partition("@")
         images, issame = load_pairs(pairs, root)
         return PairSet(_hwc_to_nchw(images), np.asarray(issame, dtype=bool), Path(pairs).stem)
-    images, labels = _labelled(kind, rest)
-    return LabelledImages(images, labels, None, Path(rest).name)
+    view = _view(*_identities(source))
+    return LabelledImages(view, torch.from_numpy(view.labels_array), None, Path(rest).name)
 

@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from marginsearch.losses import MarginSoftmax, MarginSpec, ShardedMarginSoftmax, WithAuxiliary, build_auxiliary
 from marginsearch.losses.errors import MarginsearchError
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
-from .images import to_float_images
+from .data.errors import DataError
+from .images import ImageBatcher, Preprocess, to_float_images
 from .judge import LabelledImages, judge
 
 __all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "to_float_images"]
@@ -31,9 +33,13 @@ class TrainError(MarginsearchError):
 
 @dataclass
 class TrainData:
-    """Training images (uint8 [N, 3, H, W]) with labels, and the held-out identities that give the reward."""
+    """Training images with labels, and the held-out identities that give the reward.
 
-    images: Tensor
+    `images` is uint8 [N, 3, H, W] in memory (the synthetic benchmark), or a Dataset of (HWC uint8
+    RGB array, label) items decoded as they are needed (folders, RecordIO), through a DataLoader.
+    """
+
+    images: Tensor | Dataset
     labels: Tensor
     num_classes: int
     val: LabelledImages
@@ -46,8 +52,20 @@ class TrainData:
             return self
         keep = self.labels < identities
         hard = self.hard[keep] if self.hard is not None else None
-        return dataclasses.replace(self, images=self.images[keep], labels=self.labels[keep], num_classes=identities,
-                                   hard=hard)
+        images = self.images[keep] if isinstance(self.images, Tensor) else self.images.take(keep.numpy().nonzero()[0])
+        return dataclasses.replace(self, images=images, labels=self.labels[keep], num_classes=identities, hard=hard)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images as stored: the in-memory tensor's, else the first image's."""
+        if isinstance(self.images, Tensor):
+            return int(self.images.shape[-2]), int(self.images.shape[-1])
+        first = self.images[0][0]
+        return int(first.shape[0]), int(first.shape[1])
+
+    def preprocess(self, budget: Budget) -> Preprocess:
+        """How this data becomes the model input under `budget` (image_size, image_fit)."""
+        return Preprocess.of(budget.image_size, self.image_size, budget.image_fit)
 
     @classmethod
     def from_benchmark(cls, bench: Any, name: str = "synthetic") -> TrainData:
@@ -157,6 +175,44 @@ def _clip_gradients(objective: nn.Module, max_norm: float, sharded: bool) -> Non
 def rank_checkpoint(path: Path, rank: int) -> Path:
     """Rank r's checkpoint file under a sharded head: `path` on rank 0, `<stem>.rank<r><suffix>` beside it otherwise."""
     return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def loader_workers(requested: int | None) -> int:
+    """Data-loading processes for streamed data: the budget's, else one per core but one, at most 8."""
+    return requested if requested is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class _EpochBatches:
+    """A DataLoader batch_sampler whose batches are set before each epoch (so workers persist across epochs)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Streamed:
+    """Batches of a Dataset of images through a DataLoader: decoded and fitted in `workers` processes."""
+
+    def __init__(self, dataset: Dataset, preprocess: Preprocess, workers: int, device: torch.device) -> None:
+        self.sampler = _EpochBatches()
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                                  collate_fn=ImageBatcher(preprocess),
+                                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    def epoch(self, batches: list[Tensor]) -> Iterator[Tensor]:
+        """The uint8 images of each batch of indices, in order."""
+        self.sampler.batches = [b.tolist() for b in batches]
+        try:
+            for images, _ in self.loader:
+                yield images
+        except DataError as exc:  # from a worker: torch's message holds the worker's traceback; keep the last line
+            last = str(exc).strip().splitlines()[-1]
+            raise DataError(last.partition("DataError: ")[2] or last) from None
 
 
 def _stage_images(images: Tensor, device: torch.device) -> Tensor:
@@ -274,10 +330,11 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
                          f"fewer than one batch of {budget.batch_size}")
     if budget.batch_size % world:
         raise TrainError(f"budget: batch_size {budget.batch_size} must be divisible by the {world} processes")
-    size = budget.image_size or data.images.shape[-1]
+    preprocess = data.preprocess(budget)
     torch.manual_seed(budget.seed)
-    backbone = build_backbone(budget.backbone, budget.embedding_size, (size, size))
+    backbone = build_backbone(budget.backbone, budget.embedding_size, preprocess.size)
     model = EmbeddingModel(backbone).to(device).to(memory_format=torch.channels_last)  # CPU too: ~15% faster
+    model.preprocess = preprocess  # judged, saved and exported with it
     sharded = budget.head_parallel and world > 1
     if sharded and auxiliary:
         raise TrainError("budget: head_parallel does not take auxiliary terms (their class centres are not sharded)")
@@ -310,7 +367,10 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
                                                       device_ids=[device.index] if device.type == "cuda" else None,
                                                       broadcast_buffers=False)  # buffers: synced per epoch below
 
-    images, labels = _stage_images(data.images, device), data.labels.to(device)
+    streamed = None if isinstance(data.images, Tensor) else _Streamed(data.images, preprocess,
+                                                                      loader_workers(budget.workers), device)
+    images = _stage_images(data.images, device) if streamed is None else None
+    labels = data.labels.to(device)
     hard = data.hard.to(device) if data.hard is not None and auxiliary else None
     bar = _progress(progress and rank == 0, budget.epochs, len(history), data.name)
     status, reason = "complete", ""
@@ -318,10 +378,13 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         objective.train()
         g = torch.Generator().manual_seed(budget.seed * 100_003 + epoch)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for idx in _batches(len(labels), budget.batch_size, g):
+        batches = list(_batches(len(labels), budget.batch_size, g))
+        loaded = None if streamed is None else streamed.epoch([idx[rank::world] for idx in batches])
+        for idx in batches:
             flip = torch.rand(len(idx), generator=g) < 0.5  # drawn for the whole batch on every rank
             idx, flip = idx[rank::world], flip[rank::world]
-            x = to_float_images(_batch_images(images, idx, device), size)
+            batch = _batch_images(images, idx, device) if loaded is None else next(loaded).to(device, non_blocking=True)
+            x = preprocess.floats(batch)
             if budget.flip:
                 x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -349,7 +412,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
         train_seconds = time.perf_counter() - t0
         stop = False
         if rank == 0:
-            metrics = judge(model, data.val, budget.eval_pairs, seed=budget.seed, device=device)
+            metrics = judge(model, data.val, budget.eval_pairs, seed=budget.seed, device=device,
+                            workers=loader_workers(budget.workers))
             report = EpochReport(epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), metrics=metrics,
                                  reward=metrics[budget.reward_metric], seconds=time.perf_counter() - t0,
                                  images_per_second=seen * world / max(train_seconds, 1e-9))
@@ -374,7 +438,8 @@ def train(spec: MarginSpec, data: TrainData, budget: Budget, *,
 
 
 def _budget_state(budget: Budget) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(budget).items()}
+    """The budget as a checkpoint records it; `workers` is left out (it changes no result)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(budget).items() if k != "workers"}
 
 
 def _load_checkpoint(path: Path, spec: MarginSpec, budget: Budget, device: torch.device, loss_module: nn.Module,

@@ -322,7 +322,8 @@ def test_load_pairs(tmp_path):
     ("ten pairs\n", r"pairs\.txt line 1: expected 'folds pairs_per_fold' or 'pairs'"),
     ("2 1\nAnn_A 1 2\nAnn_A 2 Cy_C 1\n",
      r"pairs\.txt: header promises 2 folds x 1 same \+ 1 different pairs = 4, found 2"),
-    ("1 1\nAnn_A 1 7\nAnn_A 2 Cy_C 1\n", r"pairs\.txt line 2: image .*Ann_A_0007\.jpg \(or \.png\) not found"),
+    ("1 1\nAnn_A 1 7\nAnn_A 2 Cy_C 1\n",
+     r"pairs\.txt line 2: image .*Ann_A_0007\.jpg \(or \.jpeg, \.png, .*\) not found"),
 ])
 def test_load_pairs_errors(tmp_path, text, message):
     lfw_tree(tmp_path / "lfw")

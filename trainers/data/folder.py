@@ -8,15 +8,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, features
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..images import to_rgb
 from .errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderDataset", "decode_image", "to_labelled_tensor", "stack_rgb"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# what Pillow reads here; .webp only where Pillow was built with it
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".pnm", ".tif", ".tiff", ".gif",
+                  *((".webp",) if features.check("webp") else ()))
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -25,10 +28,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded JPEG/PNG/BMP bytes → RGB Pillow image; `where` (file, key) names the source in the DataError."""
+    """Encoded image bytes (any format and mode Pillow reads) → 8-bit RGB Pillow image (`images.to_rgb`); `where`
+    (file, key) names the source in the DataError."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except _DECODE_ERRORS as exc:
         raise DataError(f"{where}: image does not decode ({_one_line(exc)})") from exc
 
@@ -104,6 +108,21 @@ class ImageFolderDataset(Dataset):
     def num_classes(self) -> int:
         """Number of identities (sub-folders)."""
         return len(self.classes)
+
+    def check_headers(self) -> None:
+        """Open every image's header (no pixels are decoded, ~50 µs a file): a file Pillow cannot identify raises
+        DataError naming it before training starts."""
+        for path, _ in self.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except _DECODE_ERRORS as exc:
+                raise DataError(f"{path}: image does not decode ({_one_line(exc)})") from exc
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every image's identity label (int64), in item order."""
+        return np.fromiter((label for _, label in self.samples), dtype=np.int64, count=len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)

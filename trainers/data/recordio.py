@@ -134,6 +134,9 @@ class RecordDataset(Dataset):
                          else _scan_index(self.path, self._size))
         self.num_classes: int | None = _read_num_classes(self.path.parent / "property")
         self.keys = list(self._offsets)
+        self._file: BinaryIO | None = None
+        self._file_pid: int | None = None
+        self._labels: np.ndarray | None = None
         if 0 in self._offsets:
             flag, labels, _ = _unpack_image_record(self._record(0), f"{self.path} key 0")
             if flag > 0:
@@ -151,8 +154,48 @@ class RecordDataset(Dataset):
         self.num_classes = end - first_identity
 
     def _record(self, key: int) -> bytes:
-        with open(self.path, "rb") as f:
-            return _read_record(f, self._offsets[key], self._size, f"{self.path} key {key}")[0]
+        """One record's bytes, through this process's own open file (a DataLoader worker opens its own)."""
+        return _read_record(self._open(), self._offsets[key], self._size, f"{self.path} key {key}")[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_file_pid": None}  # an open file does not travel to a worker
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+    def _open(self) -> BinaryIO:
+        """This process's own open file (a DataLoader worker opens its own on first use)."""
+        if self._file is None or self._file_pid != os.getpid():
+            self._file, self._file_pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 (kept open for reads)
+        return self._file
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every image's identity label (int64), read from the records' first 36 bytes (no image is decoded)."""
+        if self._labels is None:
+            self._labels = np.array([self._header_label(key) for key in self.keys], dtype=np.int64)
+        return self._labels
+
+    def _header_label(self, key: int) -> int:
+        where = f"{self.path} key {key}"
+        f = self._open()
+        f.seek(self._offsets[key])
+        head = f.read(_CHUNK_HEAD.size + _IMAGE_HEAD.size + 4)
+        magic, lrec = _CHUNK_HEAD.unpack_from(head) if len(head) >= _CHUNK_HEAD.size else (0, 0)
+        if magic != MAGIC or lrec >> 29 != 0 or len(head) < 36 or (lrec & _LENGTH_MASK) < _IMAGE_HEAD.size + 4:
+            label = _unpack_image_record(self._record(key), where)[1][0]  # a split or short record: read it whole
+        else:
+            flag, label, _, _ = _IMAGE_HEAD.unpack_from(head, _CHUNK_HEAD.size)
+            if flag > 0:
+                label = struct.unpack_from("<f", head, _CHUNK_HEAD.size + _IMAGE_HEAD.size)[0]
+        return _identity(label, self.num_classes, where)
+
+    @property
+    def classes(self) -> list[str]:
+        """Identity names: the labels as decimal strings."""
+        return [str(c) for c in range(int(self.num_classes if self.num_classes is not None
+                                          else self.labels.max(initial=-1) + 1))]
 
     def __len__(self) -> int:
         return len(self.keys)

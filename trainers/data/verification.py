@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .folder import decode_image, read_image_file, stack_rgb
+from .folder import IMAGE_SUFFIXES, decode_image, read_image_file, stack_rgb
 
 __all__ = ["load_bin", "load_pairs"]
 
@@ -143,12 +143,12 @@ def _parse_pairs_line(fields: list[str]) -> tuple[tuple[str, int], tuple[str, in
 
 
 def _pair_image(root: Path, name: str, number: int, where: str) -> Path:
-    """root/name/name_%04d.jpg, else the .png beside it."""
+    """root/name/name_%04d.jpg, else the same name with another image suffix (.png, .pgm, ... `IMAGE_SUFFIXES`)."""
     stem = root / name / f"{name}_{number:04d}"
-    for suffix in (".jpg", ".png"):
+    for suffix in IMAGE_SUFFIXES:
         if stem.with_suffix(suffix).is_file():
             return stem.with_suffix(suffix)
-    raise DataError(f"{where}: image {stem}.jpg (or .png) not found")
+    raise DataError(f"{where}: image {stem}.jpg (or {', '.join(IMAGE_SUFFIXES[1:])}) not found")
 
 
 def check_pairs_paths(pairs_txt: str | Path, image_root: str | Path) -> tuple[Path, Path]:
