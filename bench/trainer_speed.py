@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from marginsearch.losses import MarginSoftmax, named  # noqa: E402
 from marginsearch.trainers.backbones import EmbeddingModel, build_backbone  # noqa: E402
 from marginsearch.trainers.budget import Budget  # noqa: E402
+from marginsearch.trainers.evaluate import pair_counts  # noqa: E402
 from marginsearch.trainers.judge import judge  # noqa: E402
 from marginsearch.trainers.sources import training_data  # noqa: E402
 from marginsearch.trainers.train import TrainData, to_float_images, train  # noqa: E402
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     judged = statistics.median(judge_seconds(data, budget) for _ in range(args.runs))
     epoch = len(data.labels) / statistics.median(rates["trainer (trainers.train.train)"])
     n_val = len(data.val.labels)
+    per_class = min(budget.eval_pairs, *pair_counts(data.val.labels.numpy()))  # balanced: as judge draws them
     lines += ["", f"Judging the validation split after an epoch ({n_val} images, "
               f"all {n_val * (n_val - 1) // 2:,} pairs "
-              f"for TAR@FAR and AUC, {budget.eval_pairs} + {budget.eval_pairs} pairs for the 10-fold accuracy) takes "
+              f"for TAR@FAR and AUC, {per_class} genuine + {per_class} impostor pairs for the 10-fold accuracy) takes "
               f"{judged:.2f} s (median of {args.runs}), {100 * judged / (judged + epoch):.0f} % of a proxy epoch "
               f"({epoch:.2f} s of training)."]
     text = "\n".join(lines) + "\n"

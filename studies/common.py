@@ -30,8 +30,8 @@ __all__ = ["Mode", "mode_for", "study_parser", "mean_std", "fmt", "table", "summ
 # demo: the whole study in about two hours on 2 cores; bench (4× the identities at 48×48, ~13× the
 # compute per epoch) would take about a day, so it is a --preset away for those with more cores
 DEFAULT_PRESET = "demo"
-TEST_PAIRS = 3000            # positive and negative pairs each for the 10-fold test accuracy (as a campaign's
-                             # promotion)
+TEST_PAIRS = 3000            # cap on genuine and impostor pairs each for the 10-fold test accuracy (balanced:
+                             # min(3000, available) of each kind, as a campaign's promotion)
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 # tiny has too few negative test pairs for TAR@FAR=1e-3 (it is NaN there): reduced runs rank by AUC

@@ -49,7 +49,8 @@ class Budget:
     head_parallel: bool = False          # under torchrun: split the class centres across the ranks (model parallel)
     flip: bool = True                    # random horizontal flip
     seed: int = 0
-    eval_pairs: int = 3000               # positive and negative pairs each for 10-fold verification
+    eval_pairs: int = 3000               # cap on genuine and impostor pairs each for 10-fold verification
+                                         # (balanced: min(eval_pairs, available) of each kind)
     workers: int | None = None           # data-loading processes for streamed (folder, RecordIO) data; None: auto
     reward_metric: str = "tar@far=1e-3"  # the evaluator metric a search maximises
 

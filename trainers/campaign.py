@@ -403,7 +403,7 @@ def _check_inputs(config: CampaignConfig) -> None:
     from marginsearch.searchspace.search import PRUNERS, SearchError, baseline_params, make_sampler, make_storage
 
     from .backbones import BACKBONES
-    from .judge import undefined_because
+    from .judge import FOLD_METRICS, FOLDS, undefined_because
 
     space = load_space(config.search.space)
     make_sampler(config.search.sampler, space, config.campaign.seed)
@@ -421,10 +421,12 @@ def _check_inputs(config: CampaignConfig) -> None:
     baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
     data = data_for(config.data.train, split=config.data.split)        # loaded once per process: the trials reuse it
     for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial
-        why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy())
+        why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy(), budget.eval_pairs)
         if why is not None:
+            other = (f"budget.{phase}.eval_pairs ≥ {FOLDS}" if budget.reward_metric in FOLD_METRICS
+                     else "a larger FAR")
             raise ConfigError(f"budget.{phase}.reward_metric: {why} on the validation split; choose reward_metric = "
-                              f"\"auc\" (any size) or a larger FAR, or hold out more validation identities")
+                              f"\"auc\" (any size) or {other}, or hold out more validation identities")
     make_storage(storage_url(config), heartbeat=False)
 
 

@@ -334,7 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="PATH_OR_MODELS_URI")
     s.add_argument("--data", default="synthetic:demo", metavar="SOURCE")
     s.add_argument("--split", default="test", help="val or test (synthetic sources)")
-    s.add_argument("--pairs", type=int, default=3000, help="positive and negative pairs for 10-fold accuracy")
+    s.add_argument("--pairs", type=int, default=3000,
+                   help="10-fold accuracy on balanced pairs: min(pairs, available) genuine and as many impostor")
     s.add_argument("--tracking-uri", metavar="URI", help="MLflow store of a models:/ URI (default: ./mlflow.db)")
 
     s = sub.add_parser("export", help="export a trained model to TorchScript or ONNX")

@@ -3,6 +3,7 @@
 - `verification_accuracy`: insightface's LFW/CFP-FP/AgeDB protocol (arcface_torch
   eval/verification.py): squared-L2 distance, thresholds arange(0, 4, 0.01), 10 unshuffled folds,
   threshold picked on the other 9, mean ± std accuracy; VAL@FAR on the same folds.
+- `pairs_from_labels`: balanced pairs for that protocol on labelled images (as many genuine as impostor).
 - `tar_at_far`, `roc_auc`: over all pairs (IJB-style TAR at FAR = 1e-2 … 1e-6).
 - `identification_rank1`, `accuracy_by_frequency`: 1:N closed-set rank-1, per long-tail bucket.
 """
@@ -15,12 +16,13 @@ import numpy as np
 from marginsearch.losses.errors import MarginsearchError
 
 __all__ = ["EvaluationError", "THRESHOLDS", "kfold_indices", "verification_accuracy", "tar_at_far", "roc_auc",
-           "roc_curve", "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold", "identification_rank1",
-           "split_by_frequency", "accuracy_by_frequency"]
+           "roc_curve", "pair_counts", "pairs_from_labels", "hard_pair_mask", "accuracy_at_threshold",
+           "identification_rank1", "split_by_frequency", "accuracy_by_frequency"]
 
 
 class EvaluationError(MarginsearchError):
-    """Pairs or labels a protocol cannot be measured on: one class of pairs only, no identity with two images."""
+    """Pairs or labels a protocol cannot be measured on: one class of pairs only, too few pairs for the folds, no
+    identity with two images."""
 
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # squared-L2 distance thresholds of the insightface protocol
@@ -52,12 +54,19 @@ def _check_pairs(e1: np.ndarray, e2: np.ndarray, issame: np.ndarray, n_folds: in
         raise ValueError(f"issame must have one entry per pair ({e1.shape[0]}), got shape {issame.shape}")
     if not 2 <= n_folds <= e1.shape[0]:
         raise ValueError(f"n_folds must lie in [2, number of pairs = {e1.shape[0]}], got {n_folds}")
+    genuine, impostor = int(issame.sum()), int((~issame).sum())
+    if min(genuine, impostor) < n_folds:
+        raise EvaluationError(f"{n_folds}-fold verification needs at least {n_folds} genuine and {n_folds} impostor "
+                              f"pairs (as many of each as folds), got {genuine} and {impostor}")
 
 
 def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame: Iterable[bool],
                           n_folds: int = 10, far_target: float = 1e-3) -> dict[str, object]:
     """insightface 10-fold verification: accuracy and accuracy_std (fractions), VAL@FAR, best thresholds
-    (squared L2)."""
+    (squared L2).
+
+    Raises EvaluationError when either kind of pair has fewer than n_folds members.
+    """
     e1, e2 = np.asarray(embeddings1, dtype=np.float64), np.asarray(embeddings2, dtype=np.float64)
     same = np.asarray(list(issame) if not isinstance(issame, np.ndarray) else issame).astype(bool)
     _check_pairs(e1, e2, same, n_folds)
@@ -141,19 +150,51 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, s[last]]
 
 
-def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int,
+def pair_counts(labels: np.ndarray) -> tuple[int, int]:
+    """(genuine, impostor): how many distinct same-identity and different-identity pairs the labels give."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1].astype(np.int64)
+    n = int(counts.sum())
+    genuine = int((counts * (counts - 1) // 2).sum())
+    return genuine, n * (n - 1) // 2 - genuine
+
+
+def pairs_from_labels(labels: np.ndarray, pairs: int, *,
                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Up to n_pos distinct same-identity pairs and n_neg distinct different-identity pairs, shuffled (seeded)."""
+    """Balanced verification pairs: n = min(pairs, genuine available, impostor available) distinct same-identity
+    pairs and n distinct different-identity pairs, shuffled (seeded); returns (index1, index2, issame).
+
+    Balanced so that accuracy measures the model rather than the class ratio: with more impostor than genuine
+    pairs, answering 'different' always would score above 0.5.
+    """
     labels = np.asarray(labels)
+    if pairs < 1:
+        raise ValueError(f"pairs must be ≥ 1, got {pairs}")
+    genuine, impostor = pair_counts(labels)
+    if genuine == 0:
+        raise EvaluationError("no identity has two images: cannot form a positive pair")
+    if impostor == 0:
+        raise EvaluationError("one identity only: cannot form a negative pair")
+    want = min(pairs, genuine, impostor)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     pos = np.array([(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]], dtype=np.int64).reshape(-1, 2)
-    if len(pos) == 0:
-        raise EvaluationError("no identity has two images: cannot form a positive pair")
-    pos = pos[rng.choice(len(pos), size=min(n_pos, len(pos)), replace=False)]
+    pos = pos[rng.choice(len(pos), size=want, replace=False)]
+    neg = _impostor_pairs(labels, want, impostor, rng)
+    both = np.concatenate([pos, neg])
+    same = np.r_[np.ones(want, bool), np.zeros(want, bool)]
+    order = rng.permutation(len(both))
+    return both[order, 0], both[order, 1], same[order]
+
+
+def _impostor_pairs(labels: np.ndarray, want: int, available: int, rng: np.random.Generator) -> np.ndarray:
+    """`want` distinct different-identity pairs (i < j) [want, 2]: drawn from all of them when they are few (under
+    2·want, so never more than ~3× the genuine pairs already listed), else by rejection sampling."""
     n = len(labels)
-    max_neg = n * (n - 1) // 2 - sum(len(g) * (len(g) - 1) // 2 for g in groups)
-    want = min(n_neg, max_neg)
+    if available < 2 * want:
+        iu, ju = np.triu_indices(n, k=1)
+        diff = labels[iu] != labels[ju]
+        every = np.stack([iu[diff], ju[diff]], axis=1).astype(np.int64)
+        return every[np.sort(rng.choice(len(every), size=want, replace=False))]
     seen: set[tuple[int, int]] = set()
     while len(seen) < want:
         a, b = rng.integers(0, n, size=(2, 2 * (want - len(seen)) + 16))
@@ -162,11 +203,7 @@ def pairs_from_labels(labels: np.ndarray, n_pos: int, n_neg: int,
                 seen.add((min(i, j), max(i, j)))
                 if len(seen) == want:
                     break
-    neg = np.array(sorted(seen), dtype=np.int64).reshape(-1, 2)
-    pairs = np.concatenate([pos, neg])
-    same = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
-    order = rng.permutation(len(pairs))
-    return pairs[order, 0], pairs[order, 1], same[order]
+    return np.array(sorted(seen), dtype=np.int64).reshape(-1, 2)
 
 
 def hard_pair_mask(scores: np.ndarray, issame: np.ndarray, fraction: float = 0.1) -> np.ndarray:

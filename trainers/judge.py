@@ -1,6 +1,7 @@
 """Judge a model on labelled held-out identities with the protocols the field publishes."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +14,15 @@ from . import evaluate as ev
 from .images import ImageBatcher, Preprocess
 
 __all__ = ["LabelledImages", "embed", "model_preprocess", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS",
-           "undefined_because"]
+           "FOLDS", "FOLD_METRICS", "undefined_because"]
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # what `judge` measures on labelled images: the names a reward metric (and a promotion metric) may take
 METRICS = (*(f"tar@far={far:.0e}".replace("e-0", "e-") for far in FARS), "auc", "accuracy", "val@far=1e-3",
            "hard_accuracy", "rank1", "hard_sample_tar@far=1e-3")
+FOLDS = 10  # insightface's verification folds
+# what the 10-fold protocol on balanced sampled pairs gives: NaN with fewer than FOLDS pairs of a kind
+FOLD_METRICS = ("accuracy", "accuracy_std", "val@far=1e-3", "hard_accuracy")
 
 
 @dataclass
@@ -88,36 +92,45 @@ def _set_training(model: nn.Module, mode: bool) -> None:
         pass
 
 
-def undefined_because(metric: str, labels: np.ndarray) -> str | None:
-    """Why `judge` cannot give `metric` a value on images with these identity labels (all pairs), or None if it can.
+def undefined_because(metric: str, labels: np.ndarray, pairs: int | None = None) -> str | None:
+    """Why `judge` cannot give `metric` a value on images with these identity labels, or None if it can.
 
-    TAR@FAR=f needs floor(f·negatives) ≥ 1 impostor pairs; every verification metric needs genuine
-    and impostor pairs; rank-1 needs an identity with two images.
+    TAR@FAR=f needs floor(f·negatives) ≥ 1 impostor pairs (all pairs); every verification metric needs genuine
+    and impostor pairs; the 10-fold metrics (accuracy, accuracy_std, val@far=1e-3, hard_accuracy) need at least
+    10 pairs of each kind among the balanced sample of min(pairs, genuine, impostor) each (pairs=None: no cap);
+    rank-1 needs an identity with two images.
     """
     labels = np.asarray(labels)
-    counts = np.unique(labels, return_counts=True)[1]
+    identities = len(np.unique(labels))
     n = len(labels)
-    positives = int((counts * (counts - 1) // 2).sum())
-    negatives = n * (n - 1) // 2 - positives
+    positives, negatives = ev.pair_counts(labels)
+    given = f"the {identities} identities ({n} images) give"
     if metric.startswith("tar@far=") or metric.startswith("hard_sample_tar@far="):
         far = float(metric.rpartition("=")[2])
         needed = int(np.ceil(1.0 / far))
         if negatives < needed:
-            return (f"{metric} needs at least {needed} impostor pairs, the {len(counts)} identities ({n} images) "
-                    f"give {negatives}")
+            return f"{metric} needs at least {needed} impostor pairs, {given} {negatives}"
     if positives == 0 or negatives == 0:
-        return f"{metric} needs genuine and impostor pairs, the {len(counts)} identities ({n} images) give " \
-               f"{positives} and {negatives}"
+        return f"{metric} needs genuine and impostor pairs, {given} {positives} and {negatives}"
+    if metric in FOLD_METRICS:
+        per_class = min(positives, negatives, pairs if pairs is not None else positives)
+        if per_class < FOLDS:
+            cap = f" (pairs = {pairs} caps each kind)" if pairs is not None and pairs < min(positives, negatives) \
+                else ""
+            return (f"{metric} needs at least {FOLDS} genuine and {FOLDS} impostor pairs for {FOLDS} folds, {given} "
+                    f"{positives} and {negatives}, so {per_class} of each are drawn{cap}")
     return None
 
 
 def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int = 0,
           device: torch.device | str = "cpu", workers: int = 0) -> dict[str, float]:
-    """Verification (all-pairs TAR@FAR, ROC AUC; 10-fold accuracy on sampled pairs), hard pairs, rank-1.
+    """Verification (all-pairs TAR@FAR, ROC AUC; 10-fold accuracy on balanced sampled pairs), hard pairs, rank-1.
 
+    The 10-fold protocol runs on min(pairs, genuine available, impostor available) genuine pairs and as many
+    impostor pairs (seeded), so accuracy is 0.5 for a model without signal whatever the class ratio of the set.
     Keys: tar@far=1e-2 … 1e-6 (NaN where there are too few negative pairs), auc, accuracy,
-    accuracy_std, val@far=1e-3, hard_accuracy, rank1, and hard_sample_tar@far=1e-3 when the
-    data flags hard samples.
+    accuracy_std, val@far=1e-3, hard_accuracy (NaN with fewer than 10 pairs of a kind: `undefined_because`
+    says why), pairs_per_class (that n), rank1, and hard_sample_tar@far=1e-3 when the data flags hard samples.
     """
     emb = embed(model, data.images, device=device, workers=workers)
     labels = data.labels.cpu().numpy()
@@ -134,15 +147,7 @@ def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int =
         tar = ev.tar_at_far(scores[involves_hard | ~same], same[involves_hard | ~same], (1e-3,))
         metrics["hard_sample_tar@far=1e-3"] = float(tar[1e-3])
 
-    i1, i2, issame = ev.pairs_from_labels(labels, pairs, pairs, seed)
-    ver = ev.verification_accuracy(emb[i1], emb[i2], issame)
-    metrics["accuracy"] = float(ver["accuracy"])
-    metrics["accuracy_std"] = float(ver["accuracy_std"])
-    metrics["val@far=1e-3"] = float(ver["val"])
-    pair_scores = np.einsum("ij,ij->i", emb[i1], emb[i2])
-    threshold = 1.0 - float(np.mean(ver["best_thresholds"])) / 2.0  # squared L2 → cosine
-    hard = ev.hard_pair_mask(pair_scores, issame, 0.1)
-    metrics["hard_accuracy"] = float(ev.accuracy_at_threshold(pair_scores[hard], issame[hard], threshold))
+    metrics.update(_balanced_verification(emb, labels, pairs, seed))
 
     first = np.unique(labels, return_index=True)[1]
     probe = np.setdiff1d(np.arange(len(labels)), first)
@@ -151,10 +156,26 @@ def judge(model: nn.Module, data: LabelledImages, pairs: int = 3000, seed: int =
     return metrics
 
 
+def _balanced_verification(emb: np.ndarray, labels: np.ndarray, pairs: int, seed: int) -> dict[str, float]:
+    """accuracy, accuracy_std, val@far=1e-3 and hard_accuracy on balanced sampled pairs (NaN when too few for 10
+    folds), and pairs_per_class."""
+    i1, i2, issame = ev.pairs_from_labels(labels, pairs, seed=seed)
+    per_class = {"pairs_per_class": float(issame.sum())}
+    if undefined_because("accuracy", labels, pairs) is not None:
+        return {**{metric: math.nan for metric in FOLD_METRICS}, **per_class}
+    ver = ev.verification_accuracy(emb[i1], emb[i2], issame, n_folds=FOLDS)
+    pair_scores = np.einsum("ij,ij->i", emb[i1], emb[i2])
+    threshold = 1.0 - float(np.mean(ver["best_thresholds"])) / 2.0  # squared L2 → cosine
+    hard = ev.hard_pair_mask(pair_scores, issame, 0.1)
+    return {"accuracy": float(ver["accuracy"]), "accuracy_std": float(ver["accuracy_std"]),
+            "val@far=1e-3": float(ver["val"]),
+            "hard_accuracy": float(ev.accuracy_at_threshold(pair_scores[hard], issame[hard], threshold)), **per_class}
+
+
 def judge_pairs(model: nn.Module, images: Tensor, issame: np.ndarray,
                 device: torch.device | str = "cpu") -> dict[str, float]:
     """A verification pair list (.bin or pairs.txt; pair i = images 2i, 2i+1): insightface 10-fold accuracy, VAL,
-    TAR@FAR, AUC."""
+    TAR@FAR, AUC, on the pairs as listed (EvaluationError with fewer than 10 of a kind)."""
     emb = embed(model, images, device=device)
     e1, e2 = emb[0::2], emb[1::2]
     issame = np.asarray(issame, dtype=bool)

@@ -98,3 +98,17 @@ def test_a_reward_the_validation_split_cannot_define_is_refused_before_any_store
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget.proxy.reward_metric: tar@far=1e-3 needs at least 1000 impostor pairs" in err[0]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()  # no store was opened
+
+
+def test_an_accuracy_reward_with_too_few_pairs_for_ten_folds_is_refused(tmp_path, monkeypatch, capsys):
+    from marginsearch.trainers.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MARGINSEARCH_CACHE", str(tmp_path / "cache"))
+    assert main(["campaign", "--set", "data.train=synthetic:tiny", "--set", "budget.proxy.eval_pairs=5",
+                 "--set", "budget.proxy.reward_metric=accuracy"]) == 2  # 5 of each kind: too few for 10 folds
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget.proxy.reward_metric: accuracy needs at least 10 genuine and 10 impostor " \
+        "pairs for 10 folds" in err[0]
+    assert "(pairs = 5 caps each kind)" in err[0] and "budget.proxy.eval_pairs ≥ 10" in err[0]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()

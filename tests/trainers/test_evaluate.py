@@ -122,17 +122,19 @@ def test_roc_auc_equals_pairwise_count():
 
 def test_pairs_from_labels_is_deterministic_distinct_and_correct():
     labels = np.repeat(np.arange(30), 4)
-    i1, i2, same = ev.pairs_from_labels(labels, 100, 150, seed=5)
-    j1, j2, _ = ev.pairs_from_labels(labels, 100, 150, seed=5)
+    i1, i2, same = ev.pairs_from_labels(labels, 100, seed=5)
+    j1, j2, _ = ev.pairs_from_labels(labels, 100, seed=5)
     assert np.array_equal(i1, j1) and np.array_equal(i2, j2)
-    assert same.sum() == 100 and (~same).sum() == 150
+    assert same.sum() == 100 and (~same).sum() == 100
     assert np.all(i1 != i2) and np.array_equal(labels[i1] == labels[i2], same)
-    assert len({(min(a, b), max(a, b)) for a, b in zip(i1, i2)}) == 250
+    assert len({(min(a, b), max(a, b)) for a, b in zip(i1, i2)}) == 200
     small = np.array([0, 0, 1])
-    a, b, s = ev.pairs_from_labels(small, 10, 10, seed=0)
-    assert s.sum() == 1 and (~s).sum() == 2  # all that exist
+    a, b, s = ev.pairs_from_labels(small, 10, seed=0)
+    assert s.sum() == 1 and (~s).sum() == 1  # the one genuine pair, and one of the two impostor pairs
     with pytest.raises(ValueError, match="two images"):
-        ev.pairs_from_labels(np.arange(5), 3, 3)
+        ev.pairs_from_labels(np.arange(5), 3)
+    with pytest.raises(ValueError, match="one identity only"):
+        ev.pairs_from_labels(np.zeros(4, dtype=int), 3)
 
 
 def test_hard_pairs_rank1_and_frequency_buckets():

@@ -30,6 +30,7 @@ def test_proxy_run_reports_metrics_each_epoch(tiny):
     for key in ("tar@far=1e-2", "auc", "accuracy", "accuracy_std", "val@far=1e-3", "rank1", "hard_accuracy"):
         assert key in m
     assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["rank1"] <= 1.0
+    assert m["pairs_per_class"] == 48  # balanced: all 48 genuine pairs of 8 × 4 images, 48 of the 448 impostor
     assert math.isnan(m["tar@far=1e-6"])  # too few negative pairs among 32 images to estimate it
     assert result.reward == m["tar@far=1e-3"] or math.isnan(m["tar@far=1e-3"])
     assert result.history[0].images_per_second > 0
