@@ -17,6 +17,7 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 from marginsearch.trainers.cli import main
 from tests.trainers.test_faults import ROOT, campaign_argv
@@ -42,8 +43,6 @@ def _closed_port() -> int:
 
 
 def _png(seed: int) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
@@ -99,6 +98,14 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("x")
     (d / "one_kind.bin").write_bytes(pickle.dumps(([_png(i) for i in range(4)], [True, True]), protocol=2))
     (d / "binary_pairs.txt").write_bytes(bytes(range(256)) * 4)
+    for who in ("ann", "bo", "cy", "dee"):  # 4 identities × 7 grey 12×10 .pgm images: 2 train (14 images), 2 validate
+        (d / "faces" / who).mkdir(parents=True)
+        for j in range(7):
+            Image.fromarray(np.full((12, 10), 30 * j, dtype=np.uint8)).save(d / "faces" / who / f"{j}.pgm")
+        (d / "lfw" / who).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "lfw" / who / f"{who}_0001.png")
+        Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(d / "lfw" / who / f"{who}_0002.png")
+    (d / "one_kind_pairs.txt").write_text("1 1\nann\t1\t2\nbo\t1\t2\n")
     many = [(np.full((16, 16, 3), 3 * i, dtype=np.uint8), i // 2) for i in range(64)]
     for name, value in (("label_huge", 1e30), ("label_nan", float("nan")), ("label_half", 2.5)):
         (d / name).mkdir()
@@ -175,6 +182,24 @@ CAMPAIGN_CASES = [
     (["--set", "search.trials=0", "--set", "search.baselines=[]"], "the search is empty"),
     (["--set", "data.verification=[\"bin:/nonexistent/lfw.bin\"]"], "/nonexistent/lfw.bin does not exist"),
     (["--tracking-uri", "weird://host/x"], "unknown scheme 'weird'"),
+    (lambda f: ["--set", f"data.verification=[\"bin:{f['dir'] / 'one_kind.bin'}\"]"],
+     "one_kind: all 2 pairs are genuine"),
+    (lambda f: ["--set", f"data.test=pairs:{f['dir'] / 'one_kind_pairs.txt'}@{f['dir'] / 'lfw'}"],
+     "one_kind_pairs: all 2 pairs are genuine"),
+    (lambda f: ["--set", f"data.verification=[\"imagefolder:{f['dir'] / 'faces'}\"]"], "is not a pair list"),
+    (lambda f: ["--set", f"data.train=imagefolder:{f['dir'] / 'faces'}", "--set", "budget.proxy.batch_size=64"],
+     "budget.proxy.batch_size: 64 is more than the 14 training images"),
+    (lambda f: ["--set", f"data.train=imagefolder:{f['dir'] / 'faces'}", "--set", "data.val_identities=[\"zed\"]"],
+     "data.val_identities: 1 identity not in"),
+    (lambda f: ["--set", f"data.train=imagefolder:{f['dir'] / 'faces'}", "--set", "data.identities=\"/no/ids.txt\""],
+     "data.identities: identity list file /no/ids.txt does not exist"),
+    (["--set", "data.val_fraction=0"], "data.val_fraction must be in (0, 1)"),
+    (["--set", "data.val_identities=[\"a\"]"], "apply to imagefolder: and recordio: sources"),
+    (["--set", "budget.proxy.image_size=[64, 48, 3]"], "image_size must be an integer or [height, width]"),
+    (["--set", "budget.proxy.image_fit=squash"], "image_fit must be one of resize, crop"),
+    (["--set", "promote.metric=acc"], "promote.metric: 'acc' is not a metric of the judge"),
+    (["--set", "budget.proxy.lr=abc"], "budget.proxy]: budget: lr must be a finite number, got 'abc'"),
+    (["--set", "budget.proxy.batch_size=32.5"], "batch_size must be an integer, got 32.5"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--resume", "--new"], "--resume and --new exclude each other"),
 ]

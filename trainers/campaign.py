@@ -30,7 +30,7 @@ from .budget import Budget, budget_dict
 from .config import CampaignConfig, ConfigError, config_to_toml
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
-from .sources import PairSet, Split, check_source, evaluation_data, parse_source
+from .sources import PairSet, Split, check_pair_list, evaluation_data, parse_source
 from .stores import check_sqlite_file, check_workdir, sqlite_path
 from .tracking import (
     MLFLOW_RUN_ATTR,
@@ -43,7 +43,7 @@ from .tracking import (
     figure_files,
     resolve_tracking_uri,
 )
-from .train import train
+from .train import few_steps, train
 
 __all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url", "log_line"]
 
@@ -397,9 +397,9 @@ def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> boo
 
 
 # ---------------------------------------------------------------------------- the whole campaign
-def _check_inputs(config: CampaignConfig) -> None:
-    """One-line errors for a bad space, sampler, pruner, backbone, baseline, reward metric, data source or storage,
-    and for an empty search, before the campaign records anything."""
+def _check_inputs(config: CampaignConfig) -> list[str]:
+    """One-line errors for a bad space, sampler, pruner, backbone, baseline, reward metric, data source, batch size or
+    storage, and for an empty search, before the campaign records anything; the warnings (few steps per epoch)."""
     from marginsearch.searchspace.search import PRUNERS, SearchError, baseline_params, make_sampler, make_storage
 
     from .backbones import BACKBONES
@@ -415,9 +415,12 @@ def _check_inputs(config: CampaignConfig) -> None:
         if budget.backbone not in BACKBONES:
             raise ConfigError(f"budget.{phase}.backbone: unknown backbone {budget.backbone!r}; "
                               f"choose one of {', '.join(sorted(BACKBONES))}")
+    for source in config.data.verification:
+        if parse_source(source)[0] not in ("bin", "pairs"):
+            raise ConfigError(f"data.verification: {source} is not a pair list (use bin:... or pairs:...@root)")
     for source in (config.data.test, *config.data.verification):
         if source:
-            check_source(source)
+            check_pair_list(source)
     baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
     data = data_for(config.data.train, split=config.data.split)        # loaded once per process: the trials reuse it
     for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial
@@ -427,7 +430,15 @@ def _check_inputs(config: CampaignConfig) -> None:
                      else "a larger FAR")
             raise ConfigError(f"budget.{phase}.reward_metric: {why} on the validation split; choose reward_metric = "
                               f"\"auc\" (any size) or {other}, or hold out more validation identities")
+    warnings = []
+    for phase, budget in config.budget.items():
+        images = len(data.subset(budget.identities).labels)
+        if images < budget.batch_size:
+            raise ConfigError(f"budget.{phase}.batch_size: {budget.batch_size} is more than the {images} training "
+                              f"images of {config.data.train}")
+        warnings.append(few_steps(images, budget, f"budget.{phase}"))
     make_storage(storage_url(config), heartbeat=False)
+    return [w for w in warnings if w]
 
 
 def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str, ...] = ("search", "promote"),
@@ -451,7 +462,8 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
             check_sqlite_file(path, what)
     config.workdir.mkdir(parents=True, exist_ok=True)
     check_tracking_uri(uri)
-    _check_inputs(config)                     # fail fast on bad input before any store is touched
+    for warning in _check_inputs(config):     # fail fast on bad input before any store is touched
+        log(f"warning: {warning}")
     tracker = CampaignTracker(uri, config.experiment)
     key, parent = _open_campaign(config, tracker, new, log, joining=worker)
     if not worker:  # a worker cannot know whether a RUNNING run belongs to a live process: heartbeats decide

@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .budget import budget_from
     from .export import save_bundle
     from .sources import training_data
-    from .train import train
+    from .train import few_steps, train
 
     spec = _spec(args)
     budget = budget_from(args.budget, **parse_assignments(args.budget_set, "--budget-set"))
@@ -140,6 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--aux expects name:weight[:key=value,...], got {item!r}") from None
     check_workdir(Path(args.out), "--out")
     data = training_data(args.data, split=_split(args))
+    warnings = [w for w in [few_steps(len(data.subset(budget.identities).labels), budget)] if w]
     distributed = _init_distributed()
     trained = False
     try:
@@ -161,7 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, size,
                        {"spec": spec.to_dict(), "metrics": result.metrics, "status": result.status})
     summary = {"status": result.status, "reason": result.reason, "reward": result.reward,
-               "metrics": result.metrics, "model": str(path)}
+               "metrics": result.metrics, "model": str(path), "warnings": warnings}
+    for warning in warnings:  # after training, so that an error is still the only line on stderr
+        print(f"marginsearch train: warning: {warning}", file=sys.stderr)
     (out / "result.json").write_text(strict_json(summary))
     print(strict_json(summary))
     return 0 if result.status != "diverged" else 1

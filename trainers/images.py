@@ -70,8 +70,8 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.fit not in FITS:
             raise ValueError(f"image_fit must be one of {', '.join(FITS)}, got {self.fit!r}")
-        if not (8 <= self.height <= 1024 and 8 <= self.width <= 1024):
-            raise ValueError(f"image size must be within 8..1024 pixels, got {self.height}×{self.width}")
+        if not (1 <= self.height <= 4096 and 1 <= self.width <= 4096):
+            raise ValueError(f"image size must be within 1..4096 pixels, got {self.height}×{self.width}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -141,5 +141,6 @@ class ImageBatcher:
     def __call__(self, items: Sequence[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
         out = torch.empty((len(items), 3, *self.preprocess.size), dtype=torch.uint8)
         for i, (image, _) in enumerate(items):
-            out[i] = self.preprocess.fit_uint8(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None])[0]
+            chw = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)  # writable for torch
+            out[i] = self.preprocess.fit_uint8(chw[None])[0]
         return out, torch.tensor([int(label) for _, label in items], dtype=torch.int64)

@@ -22,7 +22,8 @@ from marginsearch.losses.errors import MarginsearchError
 from .judge import LabelledImages
 from .train import TrainData
 
-__all__ = ["SourceError", "PairSet", "Split", "ImageView", "parse_source", "check_source", "training_data",
+__all__ = ["SourceError", "PairSet", "Split", "ImageView", "parse_source", "check_source", "check_pair_list",
+           "training_data",
            "evaluation_data", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("synthetic", "imagefolder", "recordio", "bin", "pairs")
@@ -41,9 +42,14 @@ class PairSet:
     name: str
 
     def __post_init__(self) -> None:
-        if self.issame.all() or not self.issame.any():  # accuracy, AUC and TAR@FAR need both kinds of pair
-            kind = "genuine (same-person)" if self.issame.all() else "impostor"
-            raise SourceError(f"{self.name}: all {len(self.issame)} pairs are {kind}; verification needs both kinds")
+        _check_both_kinds(self.issame, self.name)
+
+
+def _check_both_kinds(issame: np.ndarray, name: str) -> None:
+    """Accuracy, AUC and TAR@FAR need genuine and impostor pairs: refuse a list of one kind."""
+    if issame.all() or not issame.any():
+        kind = "genuine (same-person)" if issame.all() else "impostor"
+        raise SourceError(f"{name}: all {len(issame)} pairs are {kind}; verification needs both kinds")
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -64,6 +70,19 @@ def check_source(source: str) -> tuple[str, str]:
     kind, rest = parse_source(source)
     _check_paths(kind, rest, source)
     return kind, rest
+
+
+def check_pair_list(source: str) -> None:
+    """A bin: or pairs: source read and checked without decoding an image (a list of one kind of pair is refused),
+    so a campaign refuses it before any store opens."""
+    from .data import read_bin, read_pairs
+
+    kind, rest = check_source(source)
+    if kind == "bin":
+        _check_both_kinds(read_bin(rest)[1], Path(rest).stem)
+    elif kind == "pairs":
+        pairs, _, root = rest.partition("@")
+        _check_both_kinds(read_pairs(pairs, root)[1], Path(pairs).stem)
 
 
 def _check_paths(kind: str, rest: str, source: str) -> None:

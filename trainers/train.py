@@ -23,7 +23,7 @@ from .data.errors import DataError
 from .images import ImageBatcher, Preprocess, to_float_images
 from .judge import LabelledImages, judge
 
-__all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "to_float_images"]
+__all__ = ["TrainData", "TrainError", "EpochReport", "TrainResult", "train", "few_steps", "to_float_images"]
 
 
 class TrainError(MarginsearchError):
@@ -112,6 +112,20 @@ def _batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[Tensor]:
     order = torch.randperm(n, generator=g)
     for start in range(0, n - batch_size + 1, batch_size):  # drop_last: BatchNorm needs ≥ 2
         yield order[start:start + batch_size]
+
+
+FEW_STEPS = 10  # fewer optimizer steps per epoch than this: the user is told (a small set with a large batch)
+
+
+def few_steps(images: int, budget: Budget, where: str = "budget") -> str | None:
+    """A one-line warning when `images` training images give fewer than FEW_STEPS steps per epoch under `budget`
+    (the last partial batch is dropped), else None."""
+    steps = images // budget.batch_size
+    if steps >= FEW_STEPS:
+        return None
+    return (f"{where}: {images} training images in batches of {budget.batch_size} give {steps} step(s) per epoch "
+            f"(the last partial batch is dropped); a batch_size of {max(2, images // FEW_STEPS)} or less gives "
+            f"{FEW_STEPS}")
 
 
 def _lr_factor(budget: Budget, steps_per_epoch: int) -> Callable[[int], float]:

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 __all__ = ["DataError", "ImageFolderDataset", "RecordDataset", "write_record_file", "to_labelled_tensor",
-           "decode_image", "load_bin", "load_pairs", "check_pairs_paths"]
+           "decode_image", "load_bin", "load_pairs", "check_pairs_paths", "read_bin", "read_pairs"]
 
 
 _HOME_OF = {
@@ -23,6 +23,8 @@ _HOME_OF = {
     "load_bin": "verification",
     "load_pairs": "verification",
     "check_pairs_paths": "verification",
+    "read_bin": "verification",
+    "read_pairs": "verification",
 }
 
 

@@ -121,14 +121,21 @@ def _check_structure(obj: Any, path: Path) -> tuple[list[bytes], np.ndarray]:
     return encoded, np.asarray(issame, dtype=bool).reshape(-1)
 
 
-def load_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An insightface verification `.bin` → (images uint8 [2N, H, W, 3] RGB, issame bool [N])."""
+def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
+    """An insightface verification `.bin` checked but not decoded → (2N encoded images, issame bool [N])."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such verification .bin file")
     bins, issame = _check_structure(_unpickle(path), path)
     if not bins:
         raise DataError(f"{path}: holds no pairs")
+    return bins, issame
+
+
+def load_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An insightface verification `.bin` → (images uint8 [2N, H, W, 3] RGB, issame bool [N])."""
+    path = Path(path)
+    bins, issame = read_bin(path)
     images = (np.asarray(decode_image(b, f"{path} image {i}")) for i, b in enumerate(bins))
     return stack_rgb(images, len(bins)), issame
 
@@ -162,7 +169,15 @@ def check_pairs_paths(pairs_txt: str | Path, image_root: str | Path) -> tuple[Pa
 
 
 def load_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """LFW `pairs.txt` + image root → (images uint8 [2N, H, W, 3] RGB, issame bool [N]); sizes follow the first image.
+    """LFW `pairs.txt` + image root → (images uint8 [2N, H, W, 3] RGB, issame bool [N]); sizes follow the first
+    image."""
+    files, issame = read_pairs(pairs_txt, image_root)
+    images = (np.asarray(read_image_file(path)) for path in files)
+    return stack_rgb(images, len(files)), issame
+
+
+def read_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[list[Path], np.ndarray]:
+    """LFW `pairs.txt` + image root checked, no image read → (2N image files, issame bool [N]).
 
     First line `folds pairs_per_fold` (LFW: `10 300`, each fold 300 same then 300 different) or `pairs`.
     """
@@ -190,5 +205,4 @@ def load_pairs(pairs_txt: str | Path, image_root: str | Path) -> tuple[np.ndarra
     if len(issame) != 2 * folds * per_fold:
         raise DataError(f"{pairs_txt}: header promises {folds} folds x {per_fold} same + {per_fold} different pairs "
                         f"= {2 * folds * per_fold}, found {len(issame)}")
-    images = (np.asarray(read_image_file(path)) for path in files)
-    return stack_rgb(images, len(files)), np.asarray(issame, dtype=bool)
+    return files, np.asarray(issame, dtype=bool)
