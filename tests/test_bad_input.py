@@ -55,6 +55,7 @@ def files(tmp_path_factory):
     from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
     from marginsearch.trainers.data import write_record_file
     from marginsearch.trainers.export import save_bundle
+    from marginsearch.trainers.images import Preprocess
 
     d = tmp_path_factory.mktemp("bad")
     f = {"dir": d, "bin_marker": d / "bin-ran", "pt_marker": d / "pt-ran", "model_marker": d / "model-ran"}
@@ -88,7 +89,7 @@ def files(tmp_path_factory):
     torch.save({"spec": RunsCommand(f["pt_marker"])}, d / "evil.pt")
     torch.save({"format": "marginsearch-model/1", "state_dict": RunsCommand(f["model_marker"])}, d / "evil_model.pt")
     model = EmbeddingModel(build_backbone("tiny", 16, (32, 32)))
-    f["model"] = save_bundle(d / "model.pt", model, "tiny", 16, 32)
+    f["model"] = save_bundle(d / "model.pt", model, "tiny", 16, Preprocess(32, 32))
     torch.save({"spec": {"s": 1}, "budget": {}}, d / "other.pt")
     torch.save([1, 2, 3], d / "list.pt")
     bundle = torch.load(f["model"], weights_only=True)

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from marginsearch.losses.errors import MarginsearchError
 
+from .images import Preprocess
+
 __all__ = [
     "BACKBONES",
     "EmbeddingModel",
@@ -271,11 +273,13 @@ def build_backbone(name: str, embedding_size: int, input_size: int | Size, **kwa
 
 
 class EmbeddingModel(nn.Module):
-    """Export wrapper: images -> L2-normalised embeddings (cosine scores are dot products)."""
+    """Export wrapper: images -> L2-normalised embeddings (cosine scores are dot products), with the `Preprocess`
+    that prepares its images (None: its backbone's input size, stretched)."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, preprocess: Preprocess | None = None) -> None:
         super().__init__()
         self.backbone = backbone
+        self.preprocess = preprocess  # a plain attribute: not in the state dict, recorded by every model file
 
     def forward(self, images: Tensor) -> Tensor:
         """Images [B, 3, H, W] -> unit-norm embeddings [B, D]."""

@@ -28,6 +28,7 @@ from marginsearch.searchspace.results import SearchResult, TrialFailed, TrialRow
 
 from .budget import Budget, budget_dict
 from .config import CampaignConfig, ConfigError, config_to_toml
+from .images import Preprocess
 from .judge import LabelledImages, judge, judge_long_tail, judge_pairs
 from .objective import data_for
 from .sources import PairSet, Split, check_pair_list, evaluation_data, parse_source
@@ -41,6 +42,7 @@ from .tracking import (
     CampaignTracker,
     check_tracking_uri,
     figure_files,
+    preprocess_from_params,
     resolve_tracking_uri,
 )
 from .train import few_steps, train
@@ -130,6 +132,7 @@ class Promoted:
     version: str | None = None
     became_champion: bool = False
     gate_reason: str = ""
+    preprocess: Preprocess | None = None  # how its images are prepared (None: a run logged before it was recorded)
 
     @property
     def label(self) -> str:
@@ -338,7 +341,8 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
     if done:
         log(f"promote: {named or skey} already trained and logged (run {done[0].info.run_id[:8]})")
         metrics = dict(done[0].data.metrics)
-        return Promoted(spec, named, row.reward, _native_metrics(metrics), done[0].info.run_id, trial_run_id)
+        return Promoted(spec, named, row.reward, _native_metrics(metrics), done[0].info.run_id, trial_run_id,
+                        preprocess=preprocess_from_params(done[0].data.params))
     budget = config.budget["full"]
     log(f"promote: training {named or 'searched spec ' + skey} on the full budget ({budget.epochs} epochs)")
     data = data_for(config.data.train, split=config.data.split)
@@ -348,12 +352,11 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
         raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
     metrics = _evaluate(config, result.model, budget.seed)
     metrics["full/val_reward"] = result.reward
-    size = data.preprocess(budget).width  # (interim: square models only until export records Preprocess)
-    run_id = tracker.log_promoted(parent, trial_run_id, spec, metrics, result.model, size,
+    run_id = tracker.log_promoted(parent, trial_run_id, spec, metrics, result.model, result.model.preprocess,
                                   name=f"promoted {named or skey}",
                                   params={"budget": budget_dict(budget), "data": config.data.train},
                                   tags={f"{TAG}promoted_key": promoted_key, f"{TAG}campaign_key": key})
-    return Promoted(spec, named, row.reward, metrics, run_id, trial_run_id)
+    return Promoted(spec, named, row.reward, metrics, run_id, trial_run_id, preprocess=result.model.preprocess)
 
 
 def _native_metrics(logged: dict[str, float]) -> dict[str, float]:
@@ -382,11 +385,16 @@ def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[P
 
 
 def _description(p: Promoted, metric: str) -> str:
-    """A registered version's description: the loss, its test metric, and the spec fields that make it."""
+    """A registered version's description: the loss, its test metric, how to prepare its input, and the spec fields
+    that make it."""
     fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.spec.flat().items()
                        if not k.endswith(".kind"))
+    shape = f"[B, 3, {p.preprocess.height}, {p.preprocess.width}], fit {p.preprocess.fit}" if p.preprocess else \
+        "[B, 3, H, W]"
     return (f"{p.label}: {metric.removeprefix('test/')} {p.metrics.get(metric, math.nan):.4f} on the test identities; "
-            f"images RGB [-1, 1] (x / 127.5 - 1) as the model's signature says; spec {fields}")
+            f"input float32 RGB {shape}, in [-1, 1] (x / 127.5 - 1), prepared as the model's metadata \"preprocess\" "
+            f"says: Preprocess.from_dict(mlflow.models.get_model_info(uri).metadata[\"preprocess\"])"
+            f".batch([\"a.jpg\", ...]) (marginsearch.trainers.images); spec {fields}")
 
 
 def _is_champion(tracker: CampaignTracker, model_name: str, version: str) -> bool:

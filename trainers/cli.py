@@ -158,8 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 # a non-zero rank ends here with 0, also when training raised (rank 0 reports): kept as it was
                 return 0  # noqa: B012
     out = Path(args.out)
-    size = data.preprocess(budget).width  # (interim: square models only until export records Preprocess)
-    path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, size,
+    path = save_bundle(out / "model.pt", result.model, budget.backbone, budget.embedding_size, result.model.preprocess,
                        {"spec": spec.to_dict(), "metrics": result.metrics, "status": result.status})
     summary = {"status": result.status, "reason": result.reason, "reward": result.reward,
                "metrics": result.metrics, "model": str(path), "warnings": warnings}
@@ -281,9 +280,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .tracking import load_any_model
 
     check_output_file(Path(args.out))
-    model, meta = load_any_model(args.model, args.tracking_uri)
-    size = int(meta.get("input_size") or meta.get("input", {}).get("shape", [0, 0, 0, 112])[3])
-    path = export_model(model, args.out, args.format, input_size=size, extra={"spec": meta.get("spec")})
+    model, meta = load_any_model(args.model, args.tracking_uri)  # every loader sets model.preprocess
+    path = export_model(model, args.out, args.format, extra={"spec": meta.get("spec")})
     print(f"wrote {path}")
     return 0
 

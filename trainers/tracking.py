@@ -42,8 +42,11 @@ from torch import nn
 from marginsearch.losses import MarginSpec, identify, named
 from marginsearch.losses.errors import MarginsearchError
 
+from .images import Preprocess
+
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
-           "check_tracking_uri", "log_embedding_model", "target_logit_png", "load_mlflow_model", "load_any_model"]
+           "check_tracking_uri", "log_embedding_model", "target_logit_png", "load_mlflow_model", "load_any_model",
+           "preprocess_from_params"]
 
 
 class TrackingError(MarginsearchError):
@@ -407,31 +410,60 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ promoted models
     def log_promoted(self, parent_run_id: str, trial_run_id: str, spec: MarginSpec, metrics: Mapping[str, float],
-                     model: nn.Module, input_size: int, name: str, params: Mapping[str, Any] | None = None,
-                     tags: Mapping[str, Any] | None = None) -> str:
-        """A finished run holding a promoted model (MLflow pt2, loads without marginsearch), linked to its trial run."""
+                     model: nn.Module, preprocess: Preprocess | None, name: str,
+                     params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> str:
+        """A finished run holding a promoted model (MLflow pt2, loads without marginsearch), linked to its trial run.
+
+        `preprocess`: how its images are prepared (None: the model's own); logged as params preprocess.* too.
+        """
+        preprocess = preprocess or _own_preprocess(model)
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             **{k: _tag_value(v) for k, v in (tags or {}).items()},
             PARENT_TAG: parent_run_id, f"{TAG}trial_run_id": trial_run_id, f"{TAG}kind": "promoted",
             f"{TAG}named_loss": identify(spec) or "none"})
         with TrialRun(self.client, run.info.run_id) as promoted:
             self._log_params(promoted.run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params or {}),
-                                               "input_size": str(input_size)})
+                                               **_flatten(_preprocess_params(preprocess), "preprocess.")})
             promoted.log_epoch(0, metrics)
             self.log_files(promoted.run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2)})
-            log_embedding_model(self.client, self.experiment_id, promoted.run_id, model, input_size,
+            log_embedding_model(self.client, self.experiment_id, promoted.run_id, model, preprocess,
                                 {"spec": spec.to_dict(), "trial_run_id": trial_run_id})
         return run.info.run_id
 
 
+def _preprocess_params(preprocess: Preprocess) -> dict[str, Any]:
+    """The run params that say how a promoted model's images are prepared."""
+    return {"height": preprocess.height, "width": preprocess.width, "fit": preprocess.fit}
+
+
+def preprocess_from_params(params: Mapping[str, str]) -> Preprocess | None:
+    """The `Preprocess` a promoted run's params record (preprocess.*), or None for a run logged before them."""
+    try:
+        return Preprocess(int(params["preprocess.height"]), int(params["preprocess.width"]),
+                          params.get("preprocess.fit", "resize"))
+    except (KeyError, ValueError):
+        return None
+
+
+def _own_preprocess(model: nn.Module) -> Preprocess:
+    """The model's recorded `Preprocess`, else its backbone's input size stretched (`export.own_preprocess`)."""
+    from .export import own_preprocess
+
+    return own_preprocess(model)
+
+
 def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id: str, model: nn.Module,
-                        input_size: int, extra: Mapping[str, Any] | None = None, name: str = "model") -> str:
+                        preprocess: Preprocess | None = None, extra: Mapping[str, Any] | None = None,
+                        name: str = "model") -> str:
     """Log images [B,3,H,W] in [−1,1] → embeddings [B,D] as an MLflow LoggedModel `name` of the run (torch.export
     pt2); its id.
 
     The client-side equivalent of `mlflow.pytorch.log_model`, which reads the global tracking URI
     and experiment: pt2 loads back as a GraphModule without marginsearch and without pickle, with
-    a dynamic batch dimension (the example batch is 2), an explicit signature and requirements.
+    a dynamic batch dimension (the example batch is 2), an explicit signature (-1, 3, H, W) and
+    requirements. `preprocess` (None: the model's own) sets H×W and is recorded in the model's
+    metadata twice: as "preprocess" (what `Preprocess.from_dict` reads, for users) and inside the
+    "marginsearch" description (`describe`, what `load_mlflow_model` reads).
     """
     import mlflow.pytorch
     import numpy as np
@@ -442,13 +474,15 @@ def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id:
 
     from .export import describe
 
+    preprocess = preprocess or _own_preprocess(model)
+    height, width = preprocess.size
     model = copy.deepcopy(model).cpu().eval()
-    example = np.random.default_rng(0).uniform(-1.0, 1.0, (2, 3, input_size, input_size)).astype(np.float32)
-    meta = describe(model, input_size, extra)
+    example = np.random.default_rng(0).uniform(-1.0, 1.0, (2, 3, height, width)).astype(np.float32)
+    meta = describe(model, preprocess, extra)
     dim = int(meta["output"]["shape"][1])
     # unnamed tensor specs: pyfunc (and `mlflow models serve`) then pass the ndarray itself to the model,
     # where a named spec would make a dict, which the PyTorch flavour refuses
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size))]),
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, height, width))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="embedding")
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
@@ -460,7 +494,7 @@ def log_embedding_model(client: mlflow.MlflowClient, experiment_id: str, run_id:
             warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
             mlflow.pytorch.save_model(model, path, signature=signature, input_example=example, mlflow_model=card,
                                       pip_requirements=requirements, serialization_format="pt2",
-                                      metadata={"marginsearch": meta})
+                                      metadata={"preprocess": preprocess.to_dict(), "marginsearch": meta})
         client.log_model_artifacts(logged.model_id, path)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -471,14 +505,17 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Mod
     """A logged or registered model (`models:/name@champion`, `models:/name/3`, `runs:/<id>/model`) and its description.
 
     `tracking_uri` names the store (None: ./mlflow.db). The description is the one logged with the
-    model (input shape, normalisation, spec); its input size is set on the module as `input_size`
-    (H, W), so the judge resizes other images to it as it does for a local model.
+    model (input shape, preprocess, normalisation, spec). Its `Preprocess` is set on the module as
+    `preprocess`, so the judge prepares images of any size as training did; a model logged before
+    "preprocess" was recorded gets a square stretched to its described input shape, else to its
+    signature's (H, W).
     """
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    from .export import recorded_preprocess
     from .stores import check_sqlite_file, sqlite_path
 
     store = resolve_tracking_uri(tracking_uri, Path.cwd())
@@ -491,13 +528,23 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Mod
     mlflow.set_registry_uri(store)
     try:
         model = mlflow.pytorch.load_model(uri)
-        meta = dict((Model.load(uri).metadata or {}).get("marginsearch", {}))
+        card = Model.load(uri)
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"{uri}: cannot load from {store} ({str(exc).splitlines()[0]})") from None
-    shape = meta.get("input", {}).get("shape")
-    if isinstance(shape, list) and len(shape) == 4:
-        model.input_size = (int(shape[2]), int(shape[3]))
-        meta.setdefault("input_size", int(shape[3]))
+    metadata = card.metadata or {}
+    meta = dict(metadata.get("marginsearch") or {})
+    if "preprocess" not in meta and isinstance(metadata.get("preprocess"), Mapping):
+        meta["preprocess"] = metadata["preprocess"]
+    if not meta.get("input") and card.signature is not None and card.signature.inputs is not None:
+        shapes = [spec.shape for spec in card.signature.inputs.inputs if getattr(spec, "shape", None)]
+        if shapes and len(shapes[0]) == 4:  # a model logged elsewhere: its signature's (-1, 3, H, W)
+            meta["input"] = {"shape": ["batch", *(int(v) for v in shapes[0][1:])]}
+    try:
+        preprocess = recorded_preprocess(meta, uri)
+    except MarginsearchError as exc:
+        raise TrackingError(str(exc)) from None
+    model.preprocess = preprocess
+    meta["preprocess"] = preprocess.to_dict()
     return model, meta
 
 

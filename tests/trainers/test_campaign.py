@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import mlflow
 import numpy as np
@@ -175,6 +176,8 @@ def test_the_record_links_optuna_and_mlflow_both_ways_and_reads_on_its_own(campa
     assert params["tracking.uri"] == first.tracking_uri
     version = client.get_model_version(first.model_name, first.champion_version)
     assert "auc" in version.description and "spec " in version.description
+    assert re.search(r"input float32 RGB \[B, 3, \d+, \d+\], fit resize", version.description)
+    assert 'Preprocess.from_dict(mlflow.models.get_model_info(uri).metadata["preprocess"])' in version.description
     for run in trial_runs:  # the reward is logged once per epoch, not again at the end
         history = client.get_metric_history(run.info.run_id, "reward")
         assert len({m.step for m in history}) == len(history)

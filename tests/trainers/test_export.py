@@ -11,6 +11,7 @@ import torch
 
 from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
 from marginsearch.trainers.export import export_model, load_torchscript
+from marginsearch.trainers.images import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def model():
 
 
 def test_torchscript_round_trip_in_a_fresh_interpreter(model, tmp_path):
-    path = export_model(model, tmp_path / "m.pt", "torchscript", input_size=32, extra={"spec": {"s": 64}})
+    path = export_model(model, tmp_path / "m.pt", "torchscript", Preprocess(32, 32), extra={"spec": {"s": 64}})
     x = torch.rand(5, 3, 32, 32) * 2 - 1
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
@@ -45,10 +46,11 @@ def test_onnx_export_runs_in_the_onnx_reference_evaluator(model, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
 
-    path = export_model(model, tmp_path / "m.onnx", "onnx", input_size=32)
+    path = export_model(model, tmp_path / "m.onnx", "onnx")  # the model's own size: its backbone's, stretched
     proto = onnx.load(str(path))
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["marginsearch.json"])
-    assert meta["output"]["l2_normalised"]
+    assert meta["output"]["l2_normalised"] and meta["input"]["shape"] == ["batch", 3, 32, 32]
+    assert meta["preprocess"] == Preprocess(32, 32).to_dict()
     x = torch.rand(3, 3, 32, 32) * 2 - 1          # batch 3: the batch axis is dynamic
     (got,) = ReferenceEvaluator(proto).run(None, {"images": x.numpy()})
     with torch.no_grad():

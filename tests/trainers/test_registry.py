@@ -12,6 +12,7 @@ import torch
 
 from marginsearch.losses import named
 from marginsearch.trainers.backbones import EmbeddingModel, TinyCNN
+from marginsearch.trainers.images import Preprocess
 from marginsearch.trainers.registry import (
     CHALLENGER,
     CHAMPION,
@@ -42,7 +43,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict:
     models = {name: _model(seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))}
     accuracy = {"a": 0.80, "b": 0.70, "c": 0.90}
     runs = {name: tracker.log_promoted(parent, trial.run_id, named("arcface"), {"acc": accuracy[name]},
-                                       models[name], SIZE, f"promoted {name}") for name in models}
+                                       models[name], Preprocess(SIZE, SIZE), f"promoted {name}") for name in models}
     return {"tracker": tracker, "client": tracker.client, "parent": parent, "trial": trial.run_id,
             "models": models, "runs": runs, "accuracy": accuracy, "root": root}
 
