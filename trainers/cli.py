@@ -4,6 +4,9 @@
     marginsearch train --loss NAME [--set key=value ...] [--data SOURCE] [--budget proxy|full] [--out DIR]
     marginsearch evaluate --model PATH --data SOURCE [--split test]
     marginsearch export --model PATH --format torchscript|onnx --out FILE
+    marginsearch split --data imagefolder:DIR --out DIR [--test-fraction 0.25] [--folds 10] [--pairs-per-fold 50]
+                       [--min-images 4] [--max-images N] [--seed 0] [--overwrite]
+                                                split a folder by identity: train/ and an LFW-style pairs.txt
     marginsearch campaign [--config FILE] [--set section.key=value ...] [--tracking-uri URI] [--resume | --new]
     marginsearch search   [same options] [--worker]   the search phase only; --worker: one of N processes
     marginsearch promote  [same options]        promote and register from the newest campaign's search
@@ -286,6 +289,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from .data.split import split_identities
+
+    kind, _, root = args.data.partition(":")
+    if kind != "imagefolder" or not root:
+        raise UsageError(f"--data expects imagefolder:<dir> (dir/<identity>/<image>), got {args.data!r}")
+    summary = split_identities(root, args.out, test_fraction=args.test_fraction, folds=args.folds,
+                               pairs_per_fold=args.pairs_per_fold, min_images=args.min_images,
+                               max_images=args.max_images, seed=args.seed, overwrite=args.overwrite)
+    print(strict_json(summary))
+    toml = "\n".join(f"{key} = {json.dumps(value, ensure_ascii=False)}" for key, value in summary["data"].items())
+    print(f"\n[data]   # for a campaign config\n{toml}")   # a JSON string with ensure_ascii=False is a TOML one
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line (exit 2), like every other bad input."""
 
@@ -345,6 +363,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
     s.add_argument("--out", required=True, metavar="FILE")
 
+    s = sub.add_parser("split", help="split an image folder by identity into train/ and an LFW-style pairs.txt")
+    s.add_argument("--data", required=True, metavar="imagefolder:DIR", help="DIR/<identity>/<image>, left unchanged")
+    s.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (see --overwrite)")
+    s.add_argument("--test-fraction", type=float, default=0.25, metavar="F", help="identities held out (0.25)")
+    s.add_argument("--folds", type=int, default=10, help="identity-disjoint folds of pairs.txt (10)")
+    s.add_argument("--pairs-per-fold", type=int, default=50, metavar="N",
+                   help="genuine pairs per fold, and as many impostor pairs (50)")
+    s.add_argument("--min-images", type=int, default=4, metavar="N", help="leave out identities with fewer (4)")
+    s.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="keep the first N images of each identity (natural order of names)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier split in --out (only train/, test/, pairs_root/, pairs.txt, split.json)")
+
     for name, text in (("campaign", "search, then promote the best to full training and register the champion"),
                        ("search", "the search phase of a campaign"),
                        ("promote", "promote and register from the newest campaign's search")):
@@ -362,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "losses": cmd_losses, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+    "losses": cmd_losses, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "split": cmd_split,
     "campaign": cmd_campaign, "search": cmd_search, "promote": cmd_promote, "ui": cmd_ui,
 }
 

@@ -316,6 +316,17 @@ def test_load_pairs(tmp_path):
     assert same.tolist() == [True, True, False, False]
 
 
+def test_load_pairs_names_with_a_dot(tmp_path):
+    images = rand_images(3, seed=10)
+    for (name, number), image in zip((("J.Smith", 1), ("J.Smith", 2), ("K.Lee", 1)), images):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{name}_{number:04d}.png").write_bytes(encode(image, "PNG"))
+    (tmp_path / "pairs.txt").write_text("1 1\nJ.Smith 1 2\nJ.Smith 2 K.Lee 1\n")
+    got, same = load_pairs(tmp_path / "pairs.txt", tmp_path)
+    np.testing.assert_array_equal(got, np.stack([images[0], images[1], images[1], images[2]]))
+    assert same.tolist() == [True, False]
+
+
 @pytest.mark.parametrize("text, message", [
     ("1 1\nAnn_A 1 2\nAnn_A 1 x 2 3\n", r"pairs\.txt line 3: expected 'name i j' or 'name1 i name2 j'"),
     ("1 1\nAnn_A 1\n", r"pairs\.txt line 2: expected 'name i j'"),

@@ -1,4 +1,5 @@
-"""Face data readers: image folders, insightface RecordIO (.rec/.idx), verification sets (.bin, LFW pairs.txt).
+"""Face data readers: image folders, insightface RecordIO (.rec/.idx), verification sets (.bin, LFW pairs.txt);
+`split_identities` splits a folder by identity into a training folder and an LFW-style pairs set.
 
 The readers (and torch, Pillow) load on first use of a name below, so importing `trainers.data`
 or `trainers.data.synthetic` stays cheap. Every bad file raises `DataError` with a one-line
@@ -10,7 +11,7 @@ import importlib
 from typing import Any
 
 __all__ = ["DataError", "ImageFolderDataset", "RecordDataset", "write_record_file", "to_labelled_tensor",
-           "decode_image", "load_bin", "load_pairs", "check_pairs_paths", "read_bin", "read_pairs"]
+           "decode_image", "load_bin", "load_pairs", "check_pairs_paths", "read_bin", "read_pairs", "split_identities"]
 
 
 _HOME_OF = {
@@ -25,6 +26,7 @@ _HOME_OF = {
     "check_pairs_paths": "verification",
     "read_bin": "verification",
     "read_pairs": "verification",
+    "split_identities": "split",
 }
 
 

@@ -152,9 +152,10 @@ def _parse_pairs_line(fields: list[str]) -> tuple[tuple[str, int], tuple[str, in
 def _pair_image(root: Path, name: str, number: int, where: str) -> Path:
     """root/name/name_%04d.jpg, else the same name with another image suffix (.png, .pgm, ... `IMAGE_SUFFIXES`)."""
     stem = root / name / f"{name}_{number:04d}"
-    for suffix in IMAGE_SUFFIXES:
-        if stem.with_suffix(suffix).is_file():
-            return stem.with_suffix(suffix)
+    for suffix in IMAGE_SUFFIXES:   # appended, not with_suffix: a name like J.Smith has a dot of its own
+        path = stem.parent / f"{stem.name}{suffix}"
+        if path.is_file():
+            return path
     raise DataError(f"{where}: image {stem}.jpg (or {', '.join(IMAGE_SUFFIXES[1:])}) not found")
 
 
