@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from . import evaluate as ev
+from .data.errors import DataError, one_line
 from .images import ImageBatcher, Preprocess
 
 __all__ = ["LabelledImages", "embed", "model_preprocess", "judge", "judge_pairs", "judge_long_tail", "FARS", "METRICS",
@@ -51,9 +53,8 @@ def embed(model: nn.Module, images: Tensor | Dataset, preprocess: Preprocess | N
     if isinstance(images, Tensor):
         batches: Any = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
     else:
-        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
-                                             collate_fn=ImageBatcher(preprocess))
-        batches = (batch for batch, _ in loader)
+        batches = _loaded(torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
+                                                      collate_fn=ImageBatcher(preprocess)))
     out = []
     for batch in batches:
         x = preprocess.floats(batch).to(device).contiguous(memory_format=torch.channels_last)
@@ -63,6 +64,15 @@ def embed(model: nn.Module, images: Tensor | Dataset, preprocess: Preprocess | N
         out.append(torch.nn.functional.normalize(e, dim=1).cpu())
     _set_training(model, was_training)
     return torch.cat(out).double().numpy()
+
+
+def _loaded(loader: torch.utils.data.DataLoader) -> Iterator[Tensor]:
+    """The image batches of a loader; a worker's DataError as its one line."""
+    try:
+        for batch, _ in loader:
+            yield batch
+    except DataError as exc:
+        raise one_line(exc) from None
 
 
 def model_preprocess(model: nn.Module, images: Tensor | Dataset | None = None) -> Preprocess:

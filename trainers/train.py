@@ -19,7 +19,7 @@ from marginsearch.losses.errors import MarginsearchError
 
 from .backbones import EmbeddingModel, build_backbone
 from .budget import Budget
-from .data.errors import DataError
+from .data.errors import DataError, one_line
 from .images import ImageBatcher, Preprocess, to_float_images
 from .judge import LabelledImages, judge
 
@@ -224,9 +224,8 @@ class _Streamed:
         try:
             for images, _ in self.loader:
                 yield images
-        except DataError as exc:  # from a worker: torch's message holds the worker's traceback; keep the last line
-            last = str(exc).strip().splitlines()[-1]
-            raise DataError(last.partition("DataError: ")[2] or last) from None
+        except DataError as exc:  # from a worker: torch's message holds the worker's traceback
+            raise one_line(exc) from None
 
 
 def _stage_images(images: Tensor, device: torch.device) -> Tensor:

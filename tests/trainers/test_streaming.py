@@ -167,3 +167,29 @@ def test_a_corrupt_image_in_a_training_folder_names_the_file_in_one_line(tmp_pat
     message = str(caught.value)
     assert str(bad) in message and "does not decode" in message
     assert "\n" not in message and "Traceback" not in message and not message.startswith("Caught")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_validation_image_names_the_file_in_one_line_when_judged(tmp_path, workers):
+    from marginsearch.trainers.backbones import EmbeddingModel, build_backbone
+    from marginsearch.trainers.judge import judge
+    from marginsearch.trainers.sources import evaluation_data
+
+    root = write_folder(tmp_path / "faces", faces())
+    bad = root / "id7" / "047.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    model = EmbeddingModel(build_backbone("tiny", 16, (SIDE, SIDE)))
+    with pytest.raises(DataError) as caught:
+        judge(model, evaluation_data(f"imagefolder:{root}"), pairs=20, workers=workers)
+    message = str(caught.value)
+    assert str(bad) in message and "\n" not in message and "Traceback" not in message
+
+
+def test_folder_index_holds_no_python_objects_per_image(tmp_path):
+    from marginsearch.trainers.data import ImageFolderDataset
+
+    folder = ImageFolderDataset(write_folder(tmp_path / "faces", faces()))
+    assert folder._paths.dtype.kind == "S" and folder._labels.dtype == np.int64   # arrays: no refcounts to copy
+    assert folder.samples[7] == (tmp_path / "faces" / "id1" / "007.png", 1)
+    dataset = RecordDataset(tmp_path / "train.rec") if write_record_file(tmp_path / "train.rec", faces()) else None
+    assert dataset is not None and dataset.keys.dtype == np.int64 and dataset._index_offsets.dtype == np.int64

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,17 @@ class ImageFolderDataset(Dataset):
         if not folders:
             raise DataError(f"{self.root}: no identity sub-folders (expected root/<identity>/<image>)")
         self.classes = [p.name for p in folders]
-        self.samples: list[tuple[Path, int]] = []
+        samples: list[tuple[Path, int]] = []
         for label, folder in enumerate(folders):
             files = sorted(p for p in folder.iterdir()
                            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise DataError(f"{folder}: identity folder holds no {'/'.join(IMAGE_SUFFIXES)} image")
-            self.samples.extend((path, label) for path in files)
+            samples.extend((path, label) for path in files)
+        # paths as one bytes array and labels as one int array, not a list of Path objects: a forked loader worker
+        # that reads them copies no refcounted objects
+        self._paths = np.array([os.fsencode(path) for path, _ in samples], dtype=np.bytes_)
+        self._labels = np.array([label for _, label in samples], dtype=np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -112,7 +117,7 @@ class ImageFolderDataset(Dataset):
     def check_headers(self) -> None:
         """Open every image's header (no pixels are decoded, ~50 µs a file): a file Pillow cannot identify raises
         DataError naming it before training starts."""
-        for path, _ in self.samples:
+        for path in map(self._path, range(len(self))):
             try:
                 with Image.open(path):
                     pass
@@ -122,13 +127,21 @@ class ImageFolderDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         """Every image's identity label (int64), in item order."""
-        return np.fromiter((label for _, label in self.samples), dtype=np.int64, count=len(self.samples))
+        return self._labels
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        """(image file, label) of every item, as torchvision's ImageFolder."""
+        return [(self._path(i), int(self._labels[i])) for i in range(len(self))]
+
+    def _path(self, index: int) -> Path:
+        return Path(os.fsdecode(self._paths[index]))
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._labels)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
+        path, label = self._path(index), int(self._labels[index])
         image = read_image_file(path)
         return (self.transform(image) if self.transform is not None else np.asarray(image)), label
 
