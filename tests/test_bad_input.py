@@ -199,6 +199,8 @@ CAMPAIGN_CASES = [
     (["--set", "budget.proxy.image_size=[64, 48, 3]"], "image_size must be an integer or [height, width]"),
     (["--set", "budget.proxy.image_fit=squash"], "image_fit must be one of resize, crop"),
     (["--set", "promote.metric=acc"], "promote.metric: 'acc' is not a metric of the judge"),
+    (lambda f: ["--set", f"data.train=imagefolder:{f['dir'] / 'faces'}", "--set", "budget.proxy.batch_size=4",
+                "--set", "budget.proxy.reward_metric=hard_sample_tar@far=1e-3"], "needs hard-sample flags"),
     (["--set", "budget.proxy.lr=abc"], "budget.proxy]: budget: lr must be a finite number, got 'abc'"),
     (["--set", "budget.proxy.batch_size=32.5"], "batch_size must be an integer, got 32.5"),
     (["--bogus"], "unrecognized arguments: --bogus"),

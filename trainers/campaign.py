@@ -432,7 +432,8 @@ def _check_inputs(config: CampaignConfig) -> list[str]:
     baseline_params(space, list(config.search.baselines))  # every baseline is a point of the space
     data = data_for(config.data.train, split=config.data.split)        # loaded once per process: the trials reuse it
     for phase, budget in config.budget.items():  # a reward the validation split cannot define fails every trial
-        why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy(), budget.eval_pairs)
+        why = undefined_because(budget.reward_metric, data.val.labels.cpu().numpy(), budget.eval_pairs,
+                                hard=data.val.hard is not None)
         if why is not None:
             other = (f"budget.{phase}.eval_pairs ≥ {FOLDS}" if budget.reward_metric in FOLD_METRICS
                      else "a larger FAR")

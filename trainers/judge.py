@@ -102,14 +102,18 @@ def _set_training(model: nn.Module, mode: bool) -> None:
         pass
 
 
-def undefined_because(metric: str, labels: np.ndarray, pairs: int | None = None) -> str | None:
+def undefined_because(metric: str, labels: np.ndarray, pairs: int | None = None,
+                      hard: bool = True) -> str | None:
     """Why `judge` cannot give `metric` a value on images with these identity labels, or None if it can.
 
     TAR@FAR=f needs floor(f·negatives) ≥ 1 impostor pairs (all pairs); every verification metric needs genuine
     and impostor pairs; the 10-fold metrics (accuracy, accuracy_std, val@far=1e-3, hard_accuracy) need at least
     10 pairs of each kind among the balanced sample of min(pairs, genuine, impostor) each (pairs=None: no cap);
-    rank-1 needs an identity with two images.
+    rank-1 needs an identity with two images; hard_sample_tar@far=1e-3 needs hard-sample flags (`hard`: the images
+    have them, as the synthetic benchmark's do).
     """
+    if metric.startswith("hard_sample_") and not hard:
+        return f"{metric} needs hard-sample flags, which only the synthetic benchmark's images carry"
     labels = np.asarray(labels)
     identities = len(np.unique(labels))
     n = len(labels)
@@ -122,6 +126,8 @@ def undefined_because(metric: str, labels: np.ndarray, pairs: int | None = None)
             return f"{metric} needs at least {needed} impostor pairs, {given} {negatives}"
     if positives == 0 or negatives == 0:
         return f"{metric} needs genuine and impostor pairs, {given} {positives} and {negatives}"
+    if metric == "rank1" and len(labels) == identities:
+        return f"rank1 needs an identity with two images, {given} one image each"
     if metric in FOLD_METRICS:
         per_class = min(positives, negatives, pairs if pairs is not None else positives)
         if per_class < FOLDS:
