@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in PAIRED:
             m, lo, hi, p, n = paired(runs, arm, "normface", key)
             lines.append([f"{arm} − normface", key, f"{100 * m:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]",
-                          f"{p:.3f}", n])
+                          "<0.001" if p < 0.001 else f"{p:.3f}", n])
     out.add("Paired differences against NormFace (percentage points; same seed = same init and data order)",
             table(["comparison", "metric", "mean", "95 % t interval", "paired t p", "seeds"], lines))
     samples = f"{len(data.labels)} training images of {data.num_classes} identities"
