@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--out", default=str(RESULTS_ROOT / "real_faces"))
@@ -89,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = evaluation_data(args.test_folder) if args.test_folder else None
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        budget = budget_from("full", epochs=args.epochs, image_size=args.image_size, seed=seed)
+        budget = budget_from("full", epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+                             seed=seed)
         for arm in args.arms:
             if arm == "untrained":
                 import torch
