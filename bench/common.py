@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "device_name"]
+__all__ = ["markdown_table", "device_name", "write_report"]
 
 
 def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], align: str = "") -> str:
@@ -30,3 +31,12 @@ def device_name(device: Any) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_report(text: str, out: str | Path) -> int:
+    """Print a bench report and write it to `out` (folders made); 0, the script's exit code."""
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    print(f"wrote {out}")
+    return 0

@@ -55,9 +55,9 @@ from marginsearch.trainers.sources import Split, training_data  # noqa: E402
 from marginsearch.trainers.train import _Streamed, train  # noqa: E402
 
 try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
-    from .common import markdown_table
+    from .common import markdown_table, write_report
 except ImportError:
-    from common import markdown_table  # type: ignore[no-redef]
+    from common import markdown_table, write_report  # type: ignore[no-redef]
 
 SIDE = 112
 PER_IDENTITY = 50
@@ -439,12 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         sections += ["", *memory_section(args, memory, index_size(path))]
         raw["memory"] = memory
     sections += ["", "<!-- raw: " + json.dumps(raw) + " -->"]
-    text = report(argv, path, (start_load, os.getloadavg()[0]), sections)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return write_report(report(argv, path, (start_load, os.getloadavg()[0]), sections), args.out)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from marginsearch.trainers.sources import training_data  # noqa: E402
 from marginsearch.trainers.train import TrainData, to_float_images, train  # noqa: E402
 
 try:  # run as a script (python bench/NAME.py) or a module (python -m bench.NAME)
-    from .common import markdown_table
+    from .common import markdown_table, write_report
 except ImportError:
-    from common import markdown_table  # type: ignore[no-redef]
+    from common import markdown_table, write_report  # type: ignore[no-redef]
 
 
 def trainer_images_per_second(spec, data: TrainData, budget: Budget) -> float:
@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               f"for TAR@FAR and AUC, {per_class} genuine + {per_class} impostor pairs for the 10-fold accuracy) takes "
               f"{judged:.2f} s (median of {args.runs}), {100 * judged / (judged + epoch):.0f} % of a proxy epoch "
               f"({epoch:.2f} s of training)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
-    return 0
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
