@@ -154,7 +154,8 @@ class Split:
 
     def check(self) -> None:
         """Refuse a missing identity file or validation source before anything loads."""
-        self.names("identities"), self.names("val_identities")
+        for field in ("identities", "val_identities"):
+            self.names(field)  # reads the file a string names, refusing a missing one
         if self.val:
             kind, _ = check_source(self.val)
             if kind not in ("imagefolder", "recordio"):
