@@ -23,7 +23,7 @@ from .results import BASELINE, FAIL_REASON, TrialFailed
 from .space import SearchSpace, baseline_spec
 
 __all__ = ["SearchError", "PRUNERS", "STORAGE_KINDS", "HEARTBEAT_S", "ABANDONED_RETRIES", "make_storage",
-           "open_study", "baseline_params", "enqueue_baselines", "checked_reward", "finished_count",
+           "open_study", "baseline_params", "enqueue_baselines", "checked_reward", "finished_count", "finished_among",
            "record_failure", "retry_abandoned", "retried_numbers", "INTERRUPTED", "PopulationObjective", "Outcome",
            "RoundRunner", "run_candidate"]
 
@@ -148,7 +148,11 @@ def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
 def finished_count(study: optuna.Study) -> int:
     """Trials already finished (they count towards n_trials on resume); a retried abandoned trial counts
     once, as its retry."""
-    trials = study.get_trials(deepcopy=False)
+    return finished_among(study.get_trials(deepcopy=False))
+
+
+def finished_among(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """`finished_count` of a list of the study's trials already read."""
     retried = retried_numbers(trials)
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)

@@ -7,7 +7,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from ._study import INTERRUPTED, PRUNERS, checked_reward, enqueue_baselines, finished_count, open_study, record_failure
+from ._study import (
+    INTERRUPTED,
+    PRUNERS,
+    checked_reward,
+    enqueue_baselines,
+    finished_among,
+    finished_count,
+    open_study,
+    record_failure,
+)
 from .options import SearchPlan
 from .results import (
     Objective,
@@ -26,6 +35,12 @@ from .space import SearchSpace
 __all__ = ["run_optuna", "optuna_objective"]
 
 
+def _system_attrs(trial: optuna.Trial) -> dict[str, Any]:
+    """The trial's system attrs as they were when it started (Optuna's copy in the Trial; else a storage read)."""
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    return cached.system_attrs if cached is not None else trial.storage.get_trial_system_attrs(trial._trial_id)
+
+
 def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optuna.Trial], float]:
     """Wrap `objective(spec, report)` as an Optuna objective: suggest, build and store the spec, report, record
     failures."""
@@ -39,7 +54,8 @@ def optuna_objective(space: SearchSpace, objective: Objective) -> Callable[[optu
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-        token = trial_context(TrialContext(trial.number, trial.study.study_name, trial.set_user_attr))
+        token = trial_context(TrialContext(trial.number, trial.study.study_name, trial.set_user_attr,
+                                           _system_attrs(trial).get("failed_trial"), trial.user_attrs))
         try:
             return checked_reward(objective(spec, report))
         except TrialFailed as exc:
@@ -60,7 +76,8 @@ def _taken(study: optuna.Study) -> int:
 
     A RUNNING trial of a process that died counts until its heartbeat goes stale; the next run retries it.
     """
-    return finished_count(study) + len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    trials = study.get_trials(deepcopy=False)  # one read for both counts
+    return finished_among(trials) + sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
 
 
 def _row_hook(cb: Callable[[TrialRow], Any], space: SearchSpace) -> Callable[[optuna.Study, FrozenTrial], None]:

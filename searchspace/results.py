@@ -34,6 +34,8 @@ class TrialContext:
     number: int
     study_name: str
     set_user_attr: Callable[[str, Any], None]
+    retry_of: int | None = None                 # the trial this one retries (its process died), else None
+    user_attrs: Mapping[str, Any] = field(default_factory=dict)  # at the start (a retry inherits its trial's)
 
 
 _CURRENT: ContextVar[TrialContext | None] = ContextVar("marginsearch_trial", default=None)

@@ -21,8 +21,9 @@ Baselines. Parameters the sampler did not draw (enqueued trials, retried trials'
 have no draw record: they count in their round's normalisation but give no gradient.
 
 State. The draws are stored in trial system attrs (``reward_guided:draw:<name>``, and the round in
-``reward_guided:round``); the policy is replayed from `study.get_trials` on each call (cached only
-by the trials it saw), so a study resumes from storage and several workers can share it. Draws
+``reward_guided:round``); the policy is replayed from `study.get_trials` at each trial's first
+parameter (cached only by the trials it saw) and kept for that trial's other parameters, so a study
+resumes from storage, several workers can share it, and one trial's parameters come from one policy. Draws
 are seeded by (seed, trial number, parameter name), so the same study gives the same samples.
 """
 from __future__ import annotations
@@ -138,6 +139,7 @@ class RewardGuidedSampler(BaseSampler):
         # SeedSequence(None).entropy is a fresh int (numpy annotates the entropy a caller may pass)
         self._seed = int(cast(int, np.random.SeedSequence(seed).entropy) % (2**32)) if seed is None else int(seed)
         self._cache: tuple[Any, _Policy] | None = None
+        self._trial_cache: tuple[Any, _Policy] | None = None
 
     # ------------------------------------------------------------------ optuna interface
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -155,7 +157,7 @@ class RewardGuidedSampler(BaseSampler):
                            param_distribution: BaseDistribution) -> Any:
         _single_objective(study)
         k = trial.number // self.population
-        policy = self._policy_before(study, k)
+        policy = self._trial_policy(study, trial, k)
         self._ensure(policy, param_name, param_distribution)
         rng = np.random.default_rng([self._seed, trial.number, zlib.crc32(param_name.encode())])
         if isinstance(param_distribution, CategoricalDistribution):
@@ -220,6 +222,16 @@ class RewardGuidedSampler(BaseSampler):
             for name, dist in t.distributions.items():
                 dists.setdefault(name, dist)
         return dists
+
+    def _trial_policy(self, study: optuna.Study, trial: FrozenTrial, k: int) -> _Policy:
+        """The policy `trial` samples from: replayed at its first parameter, kept for its others (no storage read)."""
+        key = (study.study_name, trial._trial_id, trial.number, k)
+        cached = self._trial_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        policy = self._policy_before(study, k)
+        self._trial_cache = (key, policy)
+        return policy
 
     def _policy_before(self, study: optuna.Study, k: int) -> _Policy:
         """Replay rounds 0..k−1 from the study's finished trials (cached on exactly those trials)."""

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .tracking import (
     OPTUNA_TRIAL_TAG,
     TAG,
     CampaignTracker,
+    TrialRun,
     check_tracking_uri,
     figure_files,
     preprocess_from_params,
@@ -47,7 +48,8 @@ from .tracking import (
 )
 from .train import few_steps, train
 
-__all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url", "log_line"]
+__all__ = ["Promoted", "CampaignResult", "TrackedObjective", "run_campaign", "spec_key", "storage_url", "log_line",
+           "open_trial_run", "label_trial_run"]
 
 def spec_key(spec: MarginSpec) -> str:
     """A short stable hash of a spec: the identity of a trial's MLflow run within a campaign."""
@@ -72,6 +74,31 @@ def _epoch_metrics(report: Any) -> dict[str, float]:
             **{f"val/{k}": v for k, v in report.metrics.items()}}
 
 
+def open_trial_run(tracker: CampaignTracker, parent_run_id: str, campaign_key: str, spec: MarginSpec,
+                   params: Mapping[str, Any]) -> TrialRun:
+    """Open the run of `spec`'s trial (key `<campaign key>/<spec_key>`), or reopen it when the trial is a retry.
+
+    Within an Optuna trial (`current_trial()`) the run is named and tagged after it, the trial's
+    user attr `mlflow_run_id` names the run back, and only a retried trial looks for an earlier run
+    (first the one its inherited `mlflow_run_id` names); elsewhere (a Ray worker) the tracker
+    searches by key and the driver names the run (`label_trial_run`).
+    """
+    key = f"{campaign_key}/{spec_key(spec)}"
+    tags: dict[str, Any] = {f"{TAG}campaign_key": campaign_key}
+    context = current_trial()
+    if context is None:
+        return tracker.trial_run(parent_run_id, key, spec, params, tags)
+    tags.update({OPTUNA_TRIAL_TAG: context.number, OPTUNA_STUDY_TAG: context.study_name})
+    name = f"trial {context.number} · {identify(spec) or 'searched'}"
+    recorded = context.user_attrs.get(MLFLOW_RUN_ATTR)  # only a retry inherits one
+    retried = context.retry_of is not None
+    trial = tracker.trial_run(parent_run_id, key, spec, params, tags, run_name=name,
+                              run_id=recorded if retried else None, new=not retried)
+    if trial.run_id != recorded:
+        context.set_user_attr(MLFLOW_RUN_ATTR, trial.run_id)
+    return trial
+
+
 class TrackedObjective:
     """objective(spec, report) for `searchspace.run_search` that records each trial as a nested MLflow run.
 
@@ -87,17 +114,8 @@ class TrackedObjective:
     def __call__(self, spec: MarginSpec, report: Callable[[int, float], None]) -> float:
         """Train `spec` on the proxy budget, logging every epoch; TrialFailed if it diverges."""
         data = data_for(self.data_source, self.cache_dir, self.split)
-        key = f"{self.campaign_key}/{spec_key(spec)}"
         params = {"budget": budget_dict(self.budget), "data": self.data_source}
-        context = current_trial()  # the Optuna trial, when it runs in this process
-        tags: dict[str, Any] = {f"{TAG}campaign_key": self.campaign_key}
-        name = None
-        if context is not None:
-            tags.update({OPTUNA_TRIAL_TAG: context.number, OPTUNA_STUDY_TAG: context.study_name})
-            name = f"trial {context.number} · {identify(spec) or 'searched'}"
-        trial = self.tracker.trial_run(self.parent_run_id, key, spec, params, tags, run_name=name)
-        if context is not None:
-            context.set_user_attr(MLFLOW_RUN_ATTR, trial.run_id)  # and back: the Optuna trial names its MLflow run
+        trial = open_trial_run(self.tracker, self.parent_run_id, self.campaign_key, spec, params)
         with trial:
             def on_epoch(epoch_report: Any) -> None:
                 trial.log_epoch(epoch_report.epoch, _epoch_metrics(epoch_report))
@@ -237,16 +255,16 @@ def _search(config: CampaignConfig, tracker: CampaignTracker, key: str, parent: 
                                        resources_per_trial={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
                                        storage_path=str(config.workdir / "ray_results")),
                         callbacks=[lambda row: log(_row_line(row)),
-                                   lambda row: _label_trial_run(tracker, parent, key, row)])
+                                   lambda row: label_trial_run(tracker, parent, key, row)])
     if result.study is not None:  # the study names the MLflow campaign run that records it
         result.study.set_user_attr("mlflow_parent_run_id", parent)
         result.study.set_user_attr("mlflow_tracking_uri", tracker.tracking_uri)
     return result
 
 
-def _label_trial_run(tracker: CampaignTracker, parent: str, key: str, row: TrialRow) -> None:
+def label_trial_run(tracker: CampaignTracker, parent: str, key: str, row: TrialRow) -> None:
     """From the driver, after each trial: its MLflow run named `trial N · loss` and tagged with the Optuna trial
-    (Ray too)."""
+    (Ray too; a run this process opened so already is left alone)."""
     if row.spec is not None:
         tracker.label_trial_run(parent, f"{key}/{spec_key(row.spec)}", row.number, key,
                                 row.baseline or row.named or "searched")

@@ -1,15 +1,30 @@
-"""Pictures of a search: reward history, parameter importance, the reward-guided policy's mean over rounds.
+"""Pictures of a search: reward history, parameter importance, the reward-guided policy's mean over rounds; and
+each trial's target-logit curve.
 
-Each function returns a matplotlib Figure (no pyplot state, imported lazily) or None when there is
+Each search picture is a matplotlib Figure (no pyplot state, imported lazily) or None when there is
 nothing to draw; `trainers.tracking` logs them as PNG artifacts of the campaign's parent run.
+`target_logit_png` draws the small picture every trial run holds, fast enough to pay per trial
+(see `TargetLogitPainter`).
 """
 from __future__ import annotations
 
+import io
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-__all__ = ["search_history", "parameter_importance", "policy_trajectory"]
+from marginsearch.losses import MarginSpec, named
+
+__all__ = ["search_history", "parameter_importance", "policy_trajectory", "target_logit_png", "TargetLogitPainter",
+           "CURVE_REFERENCES"]
+
+CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
+CURVE_POINTS = 181                          # θ from 0 to 180 degrees, one point a degree
+Y_STEP = 0.25                               # y-limits widen outwards to multiples of this (cosine units)
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
@@ -98,3 +113,125 @@ def policy_trajectory(snapshots: Sequence[Mapping[str, Any]]) -> Any:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------- a trial's target-logit curve
+@lru_cache(maxsize=1)
+def _theta() -> tuple[Any, Any]:
+    """θ in radians (float64 tensor) and in degrees (ndarray), `CURVE_POINTS` points over [0, π]."""
+    import torch
+
+    theta = torch.linspace(0.0, math.pi, CURVE_POINTS, dtype=torch.float64)
+    return theta, torch.rad2deg(theta).numpy()
+
+
+def _curve(spec: MarginSpec) -> Any:
+    """f(θ) (target logit / s, cosine units) of `spec` at the `_theta` points, as an ndarray."""
+    from marginsearch.losses.head import target_logit_curve
+
+    return target_logit_curve(spec, _theta()[0]).numpy()
+
+
+@lru_cache(maxsize=16)
+def _reference_curve(name: str) -> Any:
+    """The curve of a named loss (computed once per process)."""
+    return _curve(named(name))
+
+
+def y_limits(curves: Sequence[Any], step: float = Y_STEP) -> tuple[float, float]:
+    """The y-range of the curves with matplotlib's 5 % margins, widened outwards to multiples of `step`."""
+    import numpy as np
+
+    values = np.concatenate([np.asarray(c, dtype=float).ravel() for c in curves]) if curves else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.05 * (hi - lo)
+    bottom, top = math.floor((lo - pad) / step) * step, math.ceil((hi + pad) / step) * step
+    return bottom, max(top, bottom + step)
+
+
+@dataclass
+class _Background:
+    """A figure with the axes, grid, labels and reference curves drawn, and its pixels to restore."""
+
+    figure: Any
+    canvas: Any
+    axes: Any
+    pixels: Any
+    references: list[Any]
+
+
+class TargetLogitPainter:
+    """PNGs of target-logit curves over fixed reference curves, drawn with Agg blitting.
+
+    What does not change between trials (axes, ticks, labels, grid, the reference curves, the
+    layout) is drawn once per y-range and kept (the last `keep` ranges); each picture restores those
+    pixels and draws only the trial's curve and the legend on top. The y-range is the curves' range
+    widened outwards to multiples of `Y_STEP`, so nearby specs share a background. Thread-safe
+    (one lock); no pyplot state.
+    """
+
+    def __init__(self, references: Sequence[str] = CURVE_REFERENCES, size: tuple[float, float] = (5.0, 3.5),
+                 dpi: int = 110, keep: int = 8) -> None:
+        self.references, self.size, self.dpi, self.keep = tuple(references), size, dpi, keep
+        self._backgrounds: OrderedDict[tuple[Any, ...], _Background] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def png(self, spec: MarginSpec, label: str) -> bytes:
+        """The PNG of `spec`'s curve (labelled `label`) over the references it does not equal."""
+        from PIL import Image
+
+        curve = _curve(spec)
+        references = [name for name in self.references if named(name) != spec]
+        limits = y_limits([curve, *(_reference_curve(name) for name in references)])
+        with self._lock:
+            background = self._background(limits, tuple(references))
+            background.canvas.restore_region(background.pixels)
+            (line,) = background.axes.plot(_theta()[1], curve, lw=1.4, color="C0", label=label)
+            legend = background.axes.legend(handles=[line, *background.references], fontsize=7, ncol=2)
+            background.axes.draw_artist(line)
+            background.axes.draw_artist(legend)
+            width, height = background.canvas.get_width_height()
+            image = Image.frombuffer("RGBA", (width, height), background.canvas.buffer_rgba(),
+                                     "raw", "RGBA", 0, 1).convert("RGB")
+            line.remove()
+            legend.remove()
+        out = io.BytesIO()
+        image.save(out, format="png", compress_level=1)
+        return out.getvalue()
+
+    def _background(self, limits: tuple[float, float], references: tuple[str, ...]) -> _Background:
+        """The kept background of these y-limits and references (drawn now if missing; the oldest is dropped)."""
+        key = (limits, references)
+        if key in self._backgrounds:
+            self._backgrounds.move_to_end(key)
+            return self._backgrounds[key]
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=self.size, dpi=self.dpi)
+        canvas = FigureCanvasAgg(figure)
+        axes = figure.subplots()
+        lines = [axes.plot(_theta()[1], _reference_curve(name), lw=1.4, color=f"C{i + 1}", label=name)[0]
+                 for i, name in enumerate(references)]
+        axes.set_xlabel("θ between feature and target centre (degrees)")
+        axes.set_ylabel("target logit / s (cosine units)")
+        axes.set_xlim(0, 180)
+        axes.set_ylim(*limits)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        canvas.draw()
+        self._backgrounds[key] = _Background(figure, canvas, axes, canvas.copy_from_bbox(figure.bbox), lines)
+        while len(self._backgrounds) > self.keep:
+            self._backgrounds.popitem(last=False)
+        return self._backgrounds[key]
+
+
+_PAINTER = TargetLogitPainter()
+
+
+def target_logit_png(spec: MarginSpec, label: str) -> bytes:
+    """A small PNG of the spec's target-logit curve over ArcFace and CosFace (the process's `TargetLogitPainter`)."""
+    return _PAINTER.png(spec, label)

@@ -23,15 +23,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -39,9 +41,10 @@ from mlflow.utils.validation import (
 )
 from torch import nn
 
-from marginsearch.losses import MarginSpec, identify, named
+from marginsearch.losses import MarginSpec, identify
 from marginsearch.losses.errors import MarginsearchError
 
+from .figures import target_logit_png
 from .images import Preprocess
 
 __all__ = ["TrackingError", "CampaignTracker", "TrialRun", "STATES", "STOP_EXCEPTIONS", "TAG", "resolve_tracking_uri",
@@ -66,7 +69,6 @@ OPTUNA_TRIAL_TAG = "optuna.trial_number"   # on each trial run: the Optuna trial
 OPTUNA_STUDY_TAG = "optuna.study"          # on the campaign and trial runs: the Optuna study name
 OPTUNA_STORAGE_TAG = "optuna.storage"      # on the campaign run: where the study lives (absolute)
 MLFLOW_RUN_ATTR = "mlflow_run_id"          # Optuna trial user attr: the MLflow run that records it
-CURVE_REFERENCES = ("arcface", "cosface")  # named losses drawn under each trial's target-logit curve
 HEALTH_TIMEOUT_S = 3.0
 def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
     """An absolute tracking URI: None → sqlite:////<workdir>/mlflow.db; relative sqlite/file paths → under `workdir`."""
@@ -160,19 +162,6 @@ def figure_files(figures: Mapping[str, Any]) -> dict[str, bytes]:
             for name, figure in figures.items()}
 
 
-def target_logit_png(spec: MarginSpec, label: str) -> bytes:
-    """A small PNG of the spec's target-logit curve over ArcFace and CosFace (matplotlib Agg, no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    from marginsearch.losses.plot import plot_target_logits
-
-    fig = Figure(figsize=(5.0, 3.5))
-    curves = {label: spec, **{name: named(name) for name in CURVE_REFERENCES if named(name) != spec}}
-    plot_target_logits(curves, ax=fig.subplots(), points=181)
-    fig.tight_layout()
-    return _png(fig)
-
-
 class TrialRun:
     """One run this process owns: log per-epoch metrics, then finish it; as a context manager exceptions end it too.
 
@@ -199,10 +188,8 @@ class TrialRun:
             raise TrackingError(f"unknown trial state {state!r}; choose one of {sorted(STATES)}")
         if self.state is not None:
             return
-        if reward is not None:
-            _log_metrics(self.client, self.run_id, {"reward": reward}, self._last_step)
-        tags = {f"{TAG}state": state, f"{TAG}reason": reason}
-        self.client.log_batch(self.run_id, tags=[RunTag(k, _tag_value(v)) for k, v in tags.items()])
+        tags = [RunTag(f"{TAG}state", state), RunTag(f"{TAG}reason", _tag_value(reason))]
+        _log_metrics(self.client, self.run_id, {} if reward is None else {"reward": reward}, self._last_step, tags)
         self.client.set_terminated(self.run_id, STATES[state])
         self.state = state
 
@@ -232,24 +219,41 @@ def mlflow_name(name: str) -> str:
     return name
 
 
-def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Finite metrics in batches of MLflow's limit; a non-finite value becomes tag marginsearch.nonfinite.<key>."""
+def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                 tags: Sequence[RunTag] = ()) -> None:
+    """Finite metrics and `tags` in one `log_batch` (more only past MLflow's limits); a non-finite value becomes tag
+    marginsearch.nonfinite.<key>."""
     stamp = int(time.time() * 1000)
-    finite, odd = [], []
+    finite, labels = [], list(tags)
     for key, value in metrics.items():
         value = float(value)
         if math.isfinite(value):
             finite.append(Metric(mlflow_name(key), value, stamp, step))
         else:
-            odd.append(RunTag(f"{TAG}nonfinite.{mlflow_name(key)}", f"{value} at step {step}"))
-    for i in range(0, len(finite), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=finite[i:i + MAX_METRICS_PER_BATCH])
-    if odd:
-        client.log_batch(run_id, tags=odd)
+            labels.append(RunTag(f"{TAG}nonfinite.{mlflow_name(key)}", f"{value} at step {step}"))
+    while finite or labels:
+        tag_part, labels = labels[:MAX_PARAMS_TAGS_PER_BATCH], labels[MAX_PARAMS_TAGS_PER_BATCH:]
+        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_part))
+        metric_part, finite = finite[:room], finite[room:]
+        client.log_batch(run_id, metrics=metric_part, tags=tag_part)
+
+
+@dataclass
+class _Opened:
+    """A trial run this tracker opened or reopened: its id and the name and tags it set (from its caller)."""
+
+    run_id: str
+    name: str
+    tags: dict[str, str]
 
 
 class CampaignTracker:
-    """The MLflow experiment of one campaign (created on first use) and the runs in it."""
+    """The MLflow experiment of one campaign (created on first use) and the runs in it.
+
+    It remembers the trial runs it opened (by parent run and trial key), so the process that ran a
+    trial labels its run without searching for it; a tracker rebuilt elsewhere (a Ray worker, a
+    resumed campaign) starts with no memory and searches.
+    """
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         if not experiment_name:
@@ -260,6 +264,7 @@ class CampaignTracker:
         # the registry lives in the same store: never the process-wide registry URI another caller may have set
         self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
         self.experiment_id = self._experiment_id()
+        self._opened: dict[tuple[str, str], _Opened] = {}
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         """Pickles as (URI, name), so a Ray worker rebuilds its own client."""
@@ -302,9 +307,12 @@ class CampaignTracker:
             if not token:
                 return runs
 
-    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        """Log params absent from the run (MLflow refuses to change one); changed values are noted in a tag."""
-        logged = self.client.get_run(run_id).data.params
+    def _log_params(self, run_id: str, params: Mapping[str, str], logged: Mapping[str, str] | None = None) -> None:
+        """Log params absent from the run (MLflow refuses to change one); changed values are noted in a tag.
+
+        `logged`: the run's params as the caller last read them ({} for a run it just created); None reads them.
+        """
+        logged = self.client.get_run(run_id).data.params if logged is None else logged
         fresh = [Param(k, v) for k, v in params.items() if k not in logged]
         changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
         for i in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
@@ -339,11 +347,26 @@ class CampaignTracker:
     # ------------------------------------------------------------------ search (parent) runs
     def label_trial_run(self, parent_run_id: str, trial_key: str, number: int, study_name: str, label: str) -> None:
         """Name a trial run `trial <number> · <label>` and tag it with its Optuna trial and study (any backend, from
-        the driver)."""
-        runs = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key})
-        for run in runs[:1]:
-            self.client.update_run(run.info.run_id, name=f"trial {number} · {label}")
-            self._set_tags(run.info.run_id, {OPTUNA_TRIAL_TAG: number, OPTUNA_STUDY_TAG: study_name})
+        the driver).
+
+        A run this tracker opened with that name and those tags already is left alone; one it opened
+        otherwise is updated by id; any other is searched for by trial key.
+        """
+        name = f"trial {number} · {label}"
+        tags = {OPTUNA_TRIAL_TAG: _tag_value(number), OPTUNA_STUDY_TAG: _tag_value(study_name)}
+        opened = self._opened.get((parent_run_id, trial_key))
+        if opened is not None:
+            if opened.name == name and all(opened.tags.get(k) == v for k, v in tags.items()):
+                return
+            run_ids = [opened.run_id]
+        else:
+            runs = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key})
+            run_ids = [run.info.run_id for run in runs[:1]]
+        for run_id in run_ids:
+            self.client.update_run(run_id, name=name)
+            self._set_tags(run_id, tags)
+            if opened is not None:
+                opened.name, opened.tags = name, {**opened.tags, **tags}
 
     def find_run(self, tags: Mapping[str, str]) -> str | None:
         """The newest active run whose tags equal all of `tags`, or None."""
@@ -386,27 +409,59 @@ class CampaignTracker:
 
     # ------------------------------------------------------------------ trial (nested) runs
     def trial_run(self, parent_run_id: str, trial_key: str, spec: MarginSpec, params: Mapping[str, Any],
-                  tags: Mapping[str, Any], run_name: str | None = None) -> TrialRun:
+                  tags: Mapping[str, Any], run_name: str | None = None, *, run_id: str | None = None,
+                  new: bool = False) -> TrialRun:
         """Open the trial's nested run (named `run_name`, else after its key), or reopen the one with the same trial
-        key."""
-        key_tags = {f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key}
-        found = self._search(key_tags)
+        key.
+
+        The earlier run is looked for in turn: `run_id` (the run the caller's records name, such as a
+        retried Optuna trial's `mlflow_run_id`) if it holds this trial key; with `new` (the caller
+        knows the trial never ran before) only among the runs this tracker opened; else by a search
+        of the experiment for the trial key.
+        """
+        found = self._earlier_run(parent_run_id, trial_key, run_id, new)
         loss = identify(spec) or "none"
-        if found:
-            run_id = found[0].info.run_id
-            reopened = int(found[0].data.tags.get(f"{TAG}reopened", "0")) + 1
+        all_params = {**_flatten(spec.flat(), "spec."), **_flatten(params)}
+        if found is not None:
+            run_id = found.info.run_id
+            reopened = int(found.data.tags.get(f"{TAG}reopened", "0")) + 1
             self.client.update_run(run_id, status="RUNNING", name=run_name)
             self._set_tags(run_id, {**tags, f"{TAG}reopened": reopened})
+            self._log_params(run_id, all_params, found.data.params)
+            name = run_name or found.info.run_name
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name or f"trial {trial_key}", tags={
+            name = run_name or f"trial {trial_key}"
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={
                 **{k: _tag_value(v) for k, v in tags.items()}, PARENT_TAG: parent_run_id,
                 f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss})
             run_id = run.info.run_id
-        self._log_params(run_id, {**_flatten(spec.flat(), "spec."), **_flatten(params)})
-        if not found:
+            self._log_params(run_id, all_params, {})
             self.log_files(run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2),
                                     "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")})
-        return TrialRun(self.client, run_id, resumed=bool(found))
+        self._opened[(parent_run_id, trial_key)] = _Opened(run_id, name, {k: _tag_value(v) for k, v in tags.items()})
+        return TrialRun(self.client, run_id, resumed=found is not None)
+
+    def _earlier_run(self, parent_run_id: str, trial_key: str, run_id: str | None, new: bool) -> Run | None:
+        """The active run of this trial key, if any (see `trial_run` for where it is looked for)."""
+        if run_id and (run := self._trial_run_by_id(run_id, parent_run_id, trial_key)) is not None:
+            return run
+        if new:
+            opened = self._opened.get((parent_run_id, trial_key))
+            return None if opened is None else self._trial_run_by_id(opened.run_id, parent_run_id, trial_key)
+        found = self._search({f"tags.`{PARENT_TAG}`": parent_run_id, f"tags.`{TAG}trial_key`": trial_key})
+        return found[0] if found else None
+
+    def _trial_run_by_id(self, run_id: str, parent_run_id: str, trial_key: str) -> Run | None:
+        """The run `run_id` if it is active and records this trial key under this parent, else None."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        tags = run.data.tags
+        if (run.info.lifecycle_stage != "active" or tags.get(PARENT_TAG) != parent_run_id
+                or tags.get(f"{TAG}trial_key") != trial_key):
+            return None
+        return run
 
     # ------------------------------------------------------------------ promoted models
     def log_promoted(self, parent_run_id: str, trial_run_id: str, spec: MarginSpec, metrics: Mapping[str, float],

@@ -154,3 +154,23 @@ def test_bad_settings_are_refused():
         RewardGuidedSampler(population=0)
     with pytest.raises(ValueError, match="normalise"):
         RewardGuidedSampler(normalise="max")
+
+
+def test_the_policy_is_replayed_once_per_trial_not_once_per_parameter():
+    sampler = RewardGuidedSampler(space=MARGIN, seed=0, population=4)
+    replays: list[int] = []
+    real = sampler._finished
+
+    def counted(study):
+        replays.append(len(study.trials))
+        return real(study)
+
+    sampler._finished = counted
+    study = _study(sampler)
+    study.optimize(_quadratic, n_trials=12)
+    assert len(MARGIN.parameters) > 1 and len(replays) == 12  # one study read per trial, whatever its parameters
+    per_parameter = RewardGuidedSampler(space=MARGIN, seed=0, population=4)  # a replay at every parameter
+    per_parameter._trial_policy = lambda study, trial, k: per_parameter._policy_before(study, k)
+    again = _study(per_parameter)
+    again.optimize(_quadratic, n_trials=12)
+    assert [t.params for t in again.trials] == [t.params for t in study.trials]  # alone in its study: same draws

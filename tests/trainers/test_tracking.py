@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import optuna as optuna_module
 import pytest
 
 from marginsearch.losses import AngularMargin, MarginSpec, named
@@ -203,3 +207,124 @@ def test_tracker_pickles_by_uri_and_name(tracker):
     experiment = tracker.client.get_experiment(tracker.experiment_id)
     db_dir = tracker.tracking_uri[len("sqlite:///"):].rsplit("/", 1)[0]
     assert experiment.artifact_location == f"file://{db_dir}/mlartifacts"
+
+
+def _searched_campaign_runs(tracker, monkeypatch) -> tuple[str, optuna_module.Study, dict[str, Any]]:
+    """A search of TrackedObjective trials (training faked: 3 epochs, a NaN metric at epoch 2) through Optuna, the
+    campaign's label callback included, where trial 1 is interrupted at epoch 2 and retried: parent, study, runs."""
+    from marginsearch.searchspace._study import make_storage, retry_abandoned
+    from marginsearch.searchspace.search import StudyOptions, run_search
+    from marginsearch.trainers import campaign
+    from marginsearch.trainers.budget import budget_from
+
+    calls = []
+
+    def fake_train(spec, data, budget, on_epoch):
+        calls.append(spec)
+        for epoch in range(1, budget.epochs + 1):
+            if len(calls) == 2 and epoch == 2:
+                raise KeyboardInterrupt  # SIGINT mid-trial: the trial FAILs, a resume retries it
+            on_epoch(SimpleNamespace(epoch=epoch, reward=0.1 * epoch, train_loss=2.0 / epoch, images_per_second=100.0,
+                                     seconds=0.1, metrics={"tar@far=1e-3": 0.05 * epoch,
+                                                           "acc": math.nan if epoch == 2 else 0.5}))
+        return SimpleNamespace(status="complete", reward=0.1 * budget.epochs, reason="")
+
+    monkeypatch.setattr(campaign, "train", fake_train)
+    monkeypatch.setattr(campaign, "data_for", lambda *args, **kwargs: None)
+    monkeypatch.setattr(campaign, "log_line", lambda line: None)
+    key = "recorded-1"
+    parent = tracker.start_search(key, {}, {}, {})
+    objective = campaign.TrackedObjective("synthetic:tiny", budget_from("proxy", epochs=3), tracker, parent, key)
+    storage = make_storage(optuna_module.storages.InMemoryStorage())
+
+    def search() -> None:
+        run_search("margin", objective, sampler="reward-guided", n_trials=3, seed=0, baselines=["arcface"],
+                   study=StudyOptions(storage, key, resume=True),
+                   callbacks=[lambda row: campaign.label_trial_run(tracker, parent, key, row)])
+
+    with pytest.raises(KeyboardInterrupt):
+        search()
+    study = optuna_module.load_study(study_name=key, storage=storage)
+    assert retry_abandoned(study, "abandoned: resumed") == [1]
+    search()
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return parent, study, {run.data.tags["optuna.trial_number"]: run for run in runs}
+
+
+def test_a_campaign_trial_run_records_every_param_tag_metric_and_artifact(tracker, monkeypatch):
+    """What the MLflow UI shows of each trial run, for a fresh, a baseline and a retried trial (as before the
+    per-trial cuts: same keys, same values)."""
+    from marginsearch.trainers.budget import budget_dict, budget_from
+    from marginsearch.trainers.campaign import spec_key
+
+    parent, study, runs = _searched_campaign_runs(tracker, monkeypatch)
+    trials = {t.number: t for t in study.trials}
+    assert [trials[n].state.name for n in range(4)] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert sorted(runs) == ["0", "2", "3"]  # trial 2 retries trial 1 in trial 1's run
+    assert trials[1].user_attrs["mlflow_run_id"] == trials[2].user_attrs["mlflow_run_id"] == runs["2"].info.run_id
+    budget = budget_from("proxy", epochs=3)
+    for number, label in (("0", "arcface"), ("2", "searched"), ("3", "searched")):
+        run, trial = runs[number], trials[int(number)]
+        spec = MarginSpec.from_dict(trial.user_attrs["spec"])
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.info.status == "FINISHED" and run.info.run_name == f"trial {number} · {label}"
+        expected_tags = {
+            "mlflow.runName": f"trial {number} · {label}", "mlflow.parentRunId": parent,
+            "marginsearch.kind": "trial", "marginsearch.campaign_key": "recorded-1",
+            "marginsearch.trial_key": f"recorded-1/{spec_key(spec)}", "marginsearch.named_loss": label.replace(
+                "searched", "none"), "marginsearch.state": "complete", "marginsearch.reason": "",
+            "marginsearch.nonfinite.val/acc": "nan at step 2", "optuna.trial_number": number,
+            "optuna.study": "recorded-1", **({"marginsearch.reopened": "1"} if number == "2" else {})}
+        assert run.data.tags == expected_tags
+        expected_params = {"data": "synthetic:tiny", **{f"budget.{k}": str(v) for k, v in budget_dict(budget).items()},
+                           **{f"spec.{k}": str(v) for k, v in spec.flat().items()}}
+        assert run.data.params == expected_params
+        steps = [1, 1, 2, 3] if number == "2" else [1, 2, 3]  # the retry logs epoch 1 again
+        history = {key: [m.step for m in tracker.client.get_metric_history(run.info.run_id, key)]
+                   for key in run.data.metrics}
+        assert {k: sorted(v) for k, v in history.items()} == {
+            "reward": steps, "train_loss": steps, "images_per_second": steps, "val/tar_at_far_1e-3": steps,
+            "val/acc": [s for s in steps if s != 2]}
+        assert run.data.metrics["reward"] == pytest.approx(0.3)
+        assert sorted(a.path for a in tracker.client.list_artifacts(run.info.run_id)) == ["spec.json",
+                                                                                          "target_logit.png"]
+
+
+def test_trial_runs_reopen_by_recorded_id_or_memory_and_label_without_searching(tracker, monkeypatch):
+    from marginsearch.trainers.tracking import OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG
+
+    parent = _parent(tracker, "search no-search")
+    spec = named("arcface")
+    tags = {OPTUNA_TRIAL_TAG: 7, OPTUNA_STUDY_TAG: "s"}
+    monkeypatch.setattr(tracker, "_search", lambda filters: pytest.fail(f"searched for {filters}"))
+    first = tracker.trial_run(parent, "k", spec, {"lr": 0.1}, tags, run_name="trial 7 · arcface", new=True)
+    first.finish("failed", "worker lost")
+    retried = tracker.trial_run(parent, "k", spec, {"lr": 0.1}, tags, run_id=first.run_id)  # the recorded run
+    assert retried.run_id == first.run_id and retried.resumed
+    again = tracker.trial_run(parent, "k", spec, {"lr": 0.1}, tags, new=True)  # same key in this process: remembered
+    assert again.run_id == first.run_id
+    assert tracker.client.get_run(first.run_id).data.tags["marginsearch.reopened"] == "2"
+    other = tracker.trial_run(parent, "k2", spec, {}, {}, run_id=first.run_id, new=True)  # not k2's run: a new one
+    assert other.run_id != first.run_id and not other.resumed
+    renamed: list[tuple[str, str]] = []
+    real_update = tracker.client.update_run
+    monkeypatch.setattr(tracker.client, "update_run",
+                        lambda run_id, status=None, name=None: (renamed.append((run_id, name)),
+                                                                real_update(run_id, status, name))[1])
+    tracker.label_trial_run(parent, "k", 7, "s", "arcface")  # already so named and tagged: nothing to write
+    assert renamed == []
+    tracker.label_trial_run(parent, "k2", 8, "s", "cosface")  # opened here under another name: updated by id
+    run = tracker.client.get_run(other.run_id)
+    assert renamed == [(other.run_id, "trial 8 · cosface")]
+    assert run.data.tags[OPTUNA_TRIAL_TAG] == "8" and run.data.tags[OPTUNA_STUDY_TAG] == "s"
+
+
+def test_a_tracker_without_memory_labels_by_searching(tracker):
+    import pickle
+
+    parent = _parent(tracker, "search label elsewhere")
+    opened = tracker.trial_run(parent, "w", named("cosface"), {}, {})  # as in a Ray worker: no Optuna trial here
+    driver = pickle.loads(pickle.dumps(tracker))
+    driver.label_trial_run(parent, "w", 3, "study", "cosface")
+    run = tracker.client.get_run(opened.run_id)
+    assert run.info.run_name == "trial 3 · cosface" and run.data.tags["optuna.trial_number"] == "3"
