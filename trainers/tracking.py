@@ -162,6 +162,22 @@ def figure_files(figures: Mapping[str, Any]) -> dict[str, bytes]:
             for name, figure in figures.items()}
 
 
+def _local_folder(artifact_uri: str) -> Path | None:
+    """The folder of a local artifact URI (file: on this host, or an absolute path), None for any other."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" and os.path.isabs(artifact_uri) else None
+
+
+def _write_files(folder: Path, files: Mapping[str, str | bytes]) -> None:
+    """Each name → text/bytes as a file under `folder` (sub-folders made)."""
+    for name, content in files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else str(content).encode())
+
+
 class TrialRun:
     """One run this process owns: log per-epoch metrics, then finish it; as a context manager exceptions end it too.
 
@@ -329,15 +345,22 @@ class CampaignTracker:
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_files(self, run_id: str, files: Mapping[str, str | bytes]) -> None:
-        """Write each name → text/bytes as an artifact file (names may hold sub-folders), in one upload."""
+    def log_files(self, run_id: str, files: Mapping[str, str | bytes], artifact_uri: str | None = None) -> None:
+        """Write each name → text/bytes as an artifact file (names may hold sub-folders), in one upload.
+
+        `artifact_uri`: the run's, when the caller has it (`create_run` returns it); a local one
+        (file: or a path, as beside a SQLite store) is written straight into, as MLflow's local
+        artifact repository would, without the run read that finding it costs.
+        """
+        for name in files:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise TrackingError(f"artifact name {name!r} must be a relative path inside the run")
+        folder = _local_folder(artifact_uri) if artifact_uri else None
+        if folder is not None:
+            _write_files(folder, files)
+            return
         with tempfile.TemporaryDirectory() as tmp:
-            for name, content in files.items():
-                target = Path(tmp, name)
-                if Path(name).is_absolute() or ".." in Path(name).parts:
-                    raise TrackingError(f"artifact name {name!r} must be a relative path inside the run")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content if isinstance(content, bytes) else str(content).encode())
+            _write_files(Path(tmp), files)
             self.client.log_artifacts(run_id, tmp)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -437,7 +460,8 @@ class CampaignTracker:
             run_id = run.info.run_id
             self._log_params(run_id, all_params, {})
             self.log_files(run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2),
-                                    "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")})
+                                    "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")},
+                           run.info.artifact_uri)
         self._opened[(parent_run_id, trial_key)] = _Opened(run_id, name, {k: _tag_value(v) for k, v in tags.items()})
         return TrialRun(self.client, run_id, resumed=found is not None)
 

@@ -5,6 +5,7 @@ import json
 import math
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -328,3 +329,19 @@ def test_a_tracker_without_memory_labels_by_searching(tracker):
     driver.label_trial_run(parent, "w", 3, "study", "cosface")
     run = tracker.client.get_run(opened.run_id)
     assert run.info.run_name == "trial 3 · cosface" and run.data.tags["optuna.trial_number"] == "3"
+
+
+def test_log_files_writes_a_local_artifact_folder_directly_and_uploads_any_other(tracker, tmp_path):
+    from marginsearch.trainers.tracking import _local_folder
+
+    assert _local_folder("file:///abs/a%20b/artifacts") == Path("/abs/a b/artifacts")
+    assert _local_folder("/abs/artifacts") == Path("/abs/artifacts")
+    assert _local_folder("mlflow-artifacts:/1/abc/artifacts") is None and _local_folder("s3://b/k") is None
+    run = tracker.client.create_run(tracker.experiment_id)
+    run_id = run.info.run_id
+    tracker.log_files(run_id, {"a/b.txt": "x"}, run.info.artifact_uri)
+    tracker.log_files(run_id, {"c.bin": b"y"}, "mlflow-artifacts:/elsewhere")  # not local: through MLflow, to the run
+    assert _read(tracker, run_id, "a/b.txt", tmp_path) == b"x" and _read(tracker, run_id, "c.bin", tmp_path) == b"y"
+    with pytest.raises(TrackingError, match="relative path"):
+        tracker.log_files(run_id, {"../escape.txt": "no"}, run.info.artifact_uri)
+    assert not (_local_folder(run.info.artifact_uri).parent / "escape.txt").exists()
