@@ -23,8 +23,7 @@ from .judge import LabelledImages
 from .train import TrainData
 
 __all__ = ["SourceError", "PairSet", "Split", "ImageView", "parse_source", "check_source", "check_pair_list",
-           "training_data",
-           "evaluation_data", "SOURCE_KINDS"]
+           "training_data", "evaluation_data", "SOURCE_KINDS"]
 
 SOURCE_KINDS = ("synthetic", "imagefolder", "recordio", "bin", "pairs")
 
