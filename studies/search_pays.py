@@ -1,310 +1,426 @@
-"""Study 2, does the search pay: searches of one space at equal proxy compute, the best candidates promoted,
-against the best named loss.
+"""Study 2, does the search pay? The committed design (studies/designs/search_pays.toml), run in three stages.
 
-    python -m studies.search_pays                      # demo preset, margin space, search seeds 0 1 2
-    python -m studies.search_pays --space unified      # the union of all components (16 trials are too few for it)
-    python -m studies.search_pays --preset bench --trials 16 --proxy-epochs 2 --population 8
-    python -m studies.search_pays --reduced            # tiny preset, 1 proxy epoch per trial, seed 0 (CI)
+    python -m studies.search_pays                 # the committed design (about 80 min on 2 cores, --jobs 2)
+    python -m studies.search_pays --reduced       # search_pays_reduced.toml: tiny preset, seconds (CI)
+    python -m studies.search_pays --design my.toml --out results/mine
 
-Methods, each given the same number of proxy epochs (trials × proxy epochs = rounds × population):
-- `reward-guided`: the REINFORCE sampler in independent-trial mode (a campaign);
-- `population`: the papers' algorithm (`run_population`, one epoch per candidate from the previous
-  round's best model), then the last round's best spec retrained on the full budget;
-- `tpe`: Optuna's TPE sampler (a campaign).
-A campaign promotes its top `--promote` specs by proxy reward to the full budget (trained with a
-selection seed, seed + 100) and picks the one with the best full-budget *validation* reward: the
-test identities never choose. That spec is then retrained from scratch with the study seed, the
-seed each named baseline was trained with, so the champion's test numbers carry no selection luck
-and pair with the baselines seed by seed. Campaigns run without pruning and without named
-baselines, so every method spends exactly the same proxy epochs; their runs (trials, promoted
-models, registry) land in the MLflow experiment `study-search-pays`. The best named loss comes from
-study 1's runs.json beside this folder when it was run with the same preset and epochs, else
-`--baselines` are trained here on the same seeds. Last, the best named loss is retrained at the
-champions' median scale s on the same seeds: how much of the gain is the scale alone.
+A. Proxy fidelity among the candidates that matter: a reward-guided search's top half (16 specs),
+   each trained at every candidate proxy budget and at the full budget on 2 seeds; the cheapest
+   (proxy, reward) whose Spearman ρ against the full-budget *validation* reward reaches the design's
+   goal becomes the proxy of stage B.
+B. Arms at equal compute on every unit (seed × benchmark draw): reward-guided (REINFORCE, rounds ×
+   population trials), TPE, random search, and the named losses with s tuned on a grid. Each arm's
+   top specs by proxy reward are trained on the full budget (seed + 100), the best on validation is
+   the champion, retrained from scratch on seed + 200 and only then judged on the test identities.
+C. Transfer, no search: the reward-guided champion and the tuned named loss (each the best on draw 0's
+   validation) on other settings, and a sweep of s against the number of classes.
 
-Run time, measured on 2 cores: demo preset, margin space, 3 methods × 3 seeds, top 3 promoted, study
-1's runs reused: 64 min. The bench preset has ~13× the compute per epoch.
+Every training's result is cached under <out>/cache/ as JSON, so an interrupted run resumes where it
+stopped; --jobs N trains N candidates at once (one torch thread each). The tables, figures and
+runs.json go to <out>; the summary runs to MLflow (experiment `study-search-pays`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import time
-import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from studies.common import (  # noqa: E402
-    StudyOutput,
-    command_line,
-    fmt,
-    log_runs_to_mlflow,
-    mean,
-    mode_for,
-    std,
-    study_parser,
-    summarise,
-    table,
-    test_metrics,
-    tracking_uri,
-)
-from studies.named_baselines import METRICS, best_named, train_named  # noqa: E402
+import tomllib
 
-METHODS = ("reward-guided", "population", "tpe")
+from studies.stats import spearman
+
+DESIGNS = Path(__file__).resolve().parent / "designs"
+RESULTS = Path(__file__).resolve().parent / "results" / "search_pays"
 EXPERIMENT = "study-search-pays"
-SELECTION_SEED = 100        # promoted candidates train with seed + 100: the study seed is kept for the final retraining
+ARMS = ("reward-guided", "tpe", "random", "tuned-named")
+MEAN_TAR_FARS = ("tar@far=1e-2", "tar@far=1e-3", "tar@far=1e-4")
 
 
-def _budget_assignments(name: str, budget: Any) -> dict[str, Any]:
-    """`budget.<name>.<field>` overrides that make a campaign's budget equal to `budget`."""
-    out = {}
-    for key, value in dataclasses.asdict(budget).items():
-        if key == "identities":
-            value = value or 0
-        if value is not None:
-            out[f"budget.{name}.{key}"] = list(value) if isinstance(value, tuple) else value
+# ------------------------------------------------------------------ design
+def load_design(path: str | Path) -> dict[str, Any]:
+    """The study's design (TOML), checked: units pair seeds with draws, arms are known, proxies are budgets."""
+    design = tomllib.loads(Path(path).read_text())
+    units = design["units"]
+    if len(units["seeds"]) != len(units["draws"]) or not set(units["draws"]) <= set(design["benchmark"]["draws"]):
+        raise SystemExit(f"{path}: units.seeds and units.draws must pair up, with draws from benchmark.draws")
+    unknown = set(design["search"]["arms"]) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"{path}: unknown arm(s) {sorted(unknown)}; arms: {', '.join(ARMS)}")
+    g, s = design["tuned_named"], design["search"]
+    grid = len(g["losses"]) * len(g["scales"]) * g["repeats"]
+    if "tuned-named" in s["arms"] and grid != s["rounds"] * s["population"]:
+        raise SystemExit(f"{path}: the tuned-named grid (losses × scales × repeats) must have rounds × population "
+                         "trainings, the compute of a search arm")
+    if design["fidelity"]["generator"]["proxy"] not in design["proxies"]:
+        raise SystemExit(f"{path}: fidelity.generator.proxy must name one of [proxies]")
+    return design
+
+
+def proxy_budget(design: dict[str, Any], name: str) -> dict[str, Any]:
+    """A proxy's budget: the full budget with the proxy's fields changed."""
+    return {**design["budget"]["full"], **design["proxies"][name]}
+
+
+def units_of(design: dict[str, Any]) -> list[tuple[int, int]]:
+    """(seed, draw) of every unit."""
+    return list(zip(design["units"]["seeds"], design["units"]["draws"]))
+
+
+# ------------------------------------------------------------------ one training (runs in a worker)
+_BENCH: dict[str, Any] = {}
+
+
+def benchmark(setting: dict[str, Any]) -> Any:
+    """The synthetic benchmark of `setting` ({"preset": ..., other SyntheticConfig fields}), once per process."""
+    from marginsearch.trainers.data.synthetic import PRESETS, load_synthetic
+
+    key = json.dumps(setting, sort_keys=True)
+    if key not in _BENCH:
+        fields = {k: v for k, v in setting.items() if k != "preset"}
+        _BENCH[key] = load_synthetic(dataclasses.replace(PRESETS[setting["preset"]], **fields))
+    return _BENCH[key]
+
+
+def with_mean_tar(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus mean_tar, the mean TAR over FAR 1e-2, 1e-3, 1e-4 (NaN if one is missing)."""
+    values = [metrics.get(k, math.nan) for k in MEAN_TAR_FARS]
+    return {**metrics, "mean_tar": sum(values) / len(values)}
+
+
+def fit(spec: dict[str, Any], budget: dict[str, Any], seed: int, setting: dict[str, Any],
+        judge_test: bool = False) -> dict[str, Any]:
+    """Train `spec` on `setting`'s benchmark under `budget` with `seed`: the last epoch's validation metrics, the
+    training images seen, seconds; the test metrics only when `judge_test`."""
+    from marginsearch.losses import MarginSpec
+    from marginsearch.trainers.budget import budget_from
+    from marginsearch.trainers.train import TrainData, train
+    from studies.common import test_metrics
+
+    bench = benchmark(setting)
+    data = TrainData.from_benchmark(bench, setting["preset"])
+    b = budget_from("full", **budget, seed=seed)
+    t0 = time.perf_counter()
+    trained = train(MarginSpec.from_dict(spec), data, b)
+    n = len(data.subset(b.identities).labels)
+    out: dict[str, Any] = {"status": trained.status, "val": with_mean_tar(trained.metrics),
+                           "images": (n // b.batch_size) * b.batch_size * len(trained.history),
+                           "seconds": time.perf_counter() - t0}
+    if judge_test:
+        out["test"] = with_mean_tar(test_metrics(trained.model, bench, seed)) if trained.status == "complete" else {}
     return out
 
 
-def retrain(spec: Any, seed: int, mode: Any) -> dict[str, Any]:
-    """`spec` trained from scratch on the full budget with `seed`; its test metrics and full-budget validation
-    reward."""
-    from marginsearch.trainers.budget import budget_from
-    from marginsearch.trainers.data.synthetic import load_synthetic
-    from marginsearch.trainers.objective import data_for
-    from marginsearch.trainers.train import train
-
-    trained = train(spec, data_for(mode.source), budget_from(mode.full, seed=seed))
-    metrics = test_metrics(trained.model, load_synthetic(mode.preset), seed) if trained.status == "complete" else {}
-    return {"full_val_reward": trained.reward, **metrics}
+def reward_of(result: dict[str, Any], reward: str) -> float:
+    """The reward a search sees: a validation metric of a finished training, NaN otherwise."""
+    value = result["val"].get(reward, math.nan) if result["status"] == "complete" else math.nan
+    return float(value) if value is not None else math.nan
 
 
-def campaign_search(method: str, seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
-    """One (sampler, seed) campaign: search on the proxy, promote the top specs, pick by full-budget validation,
-    retrain; its record."""
-    from marginsearch.trainers.budget import budget_from
-    from marginsearch.trainers.campaign import run_campaign
-    from marginsearch.trainers.config import load_config, override
+def _init_worker(threads: int) -> None:
+    import optuna
+    import torch
 
-    config = override(load_config(), {
-        "campaign.name": f"search-pays-{method}-s{seed}" + ("" if args.space == "unified" else f"-{args.space}"),
-        "campaign.seed": seed,
-        "campaign.workdir": str(Path(args.out).resolve() / "work"), "data.train": mode.source,
-        "search.space": args.space, "search.sampler": method, "search.pruner": "none", "search.trials": args.trials,
-        "search.population": args.population, "search.baselines": [],
-        **_budget_assignments("proxy", budget_from(mode.proxy, epochs=args.proxy_epochs, seed=seed)),
-        **_budget_assignments("full", budget_from(mode.full, seed=seed + SELECTION_SEED)),
-        "promote.top_k": args.promote, "promote.metric": mode.metric, "promote.baseline": False,
-        "tracking.uri": tracking_uri(args), "tracking.experiment": EXPERIMENT})
-    result = run_campaign(config, log=log)
-    best = max(result.promoted, key=lambda p: _finite(p.metrics.get("full/val_reward")))
-    log(f"{method} seed {seed}: {len(result.promoted)} promoted, picked {best.label} on full-budget validation "
-        f"({best.metrics.get('full/val_reward', math.nan):.4f}); retraining it with seed {seed}")
-    history = [(r.number, r.reward) for r in result.search.rows]
-    return {"method": method, "seed": seed, "campaign": result.key, "spec": best.spec.to_dict(), "named": best.named,
-            "proxy_reward": best.proxy_reward, "promoted_run_id": best.run_id,
-            "promoted": [{"s": p.spec.s, "proxy_reward": p.proxy_reward,
-                          "full_val_reward": p.metrics.get("full/val_reward"),
-                          "selection_test": p.metrics.get(f"test/{mode.metric}")} for p in result.promoted],
-            **retrain(best.spec, seed, mode),
-            "history": [[(i + 1) * args.proxy_epochs, r] for i, (_, r) in enumerate(history)]}
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ stage A: proxy fidelity
+def generator_search(design: dict[str, Any]) -> dict[str, Any]:
+    """The reward-guided search whose top half the fidelity stage measures: its trials, best first."""
+    g = design["fidelity"]["generator"]
+    setting = {"preset": design["benchmark"]["preset"], "seed": g["draw"]}
+    rows = search(design, "reward-guided", g["seed"], setting, proxy_budget(design, g["proxy"]), g["reward"])["rows"]
+    return {"rows": sorted((r for r in rows if math.isfinite(r["reward"])), key=lambda r: -r["reward"])}
+
+
+def fidelity_specs(design: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`specs` specs from the top half of the generator's trials: every k-th rank, distinct specs only."""
+    distinct = list({json.dumps(r["spec"], sort_keys=True): r for r in rows}.values())
+    half = distinct[:max(1, len(distinct) // 2)]
+    n = design["fidelity"]["specs"]
+    step = max(1, len(half) // n)
+    return [r["spec"] for r in half[::step][:n]]
+
+
+def fidelity_task(design: dict[str, Any], spec: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One spec and seed at every candidate proxy and at the full budget (the full budget also judged on test)."""
+    g = design["fidelity"]["generator"]
+    setting = {"preset": design["benchmark"]["preset"], "seed": g["draw"]}
+    proxies = {name: fit(spec, proxy_budget(design, name), seed, setting) for name in design["proxies"]}
+    return {"spec": spec, "seed": seed, "proxies": proxies,
+            "full": fit(spec, design["budget"]["full"], seed, setting, judge_test=True)}
+
+
+def choose_proxy(design: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Spearman ρ of each (proxy, reward) against the full-budget validation and test metric, over the measured specs;
+    the cheapest reaching the goal on validation (else the best on validation)."""
+    metric = design["selection"]["metric"]
+    specs = list({json.dumps(r["spec"], sort_keys=True) for r in runs})
+    full_val = {s: _mean(r["full"]["val"].get(metric) for r in runs if json.dumps(r["spec"], sort_keys=True) == s)
+                for s in specs}
+    full_test = {s: _mean(r["full"].get("test", {}).get(metric) for r in runs
+                          if json.dumps(r["spec"], sort_keys=True) == s) for s in specs}
+    full_images = _mean(r["full"]["images"] for r in runs)
+    table = []
+    for proxy in design["proxies"]:
+        for reward in design["fidelity"]["rewards"]:
+            rho_val, rho_test = [], []
+            for seed in design["fidelity"]["seeds"]:
+                by = {json.dumps(r["spec"], sort_keys=True): reward_of(r["proxies"][proxy], reward)
+                      for r in runs if r["seed"] == seed}
+                rho_val.append(spearman([by[s] for s in specs], [full_val[s] for s in specs]))
+                rho_test.append(spearman([by[s] for s in specs], [full_test[s] for s in specs]))
+            table.append({"proxy": proxy, "reward": reward, "rho_val": _mean(rho_val), "rho_test": _mean(rho_test),
+                          "rho_val_per_seed": rho_val,
+                          "cost": _mean(r["proxies"][proxy]["images"] for r in runs) / full_images})
+    seeds = design["fidelity"]["seeds"]
+    per_seed = {seed: {json.dumps(r["spec"], sort_keys=True): r["full"]["val"].get(metric, math.nan)
+                       for r in runs if r["seed"] == seed} for seed in seeds}
+    rho_seeds = spearman([per_seed[seeds[0]].get(s, math.nan) for s in specs],
+                         [per_seed[seeds[-1]].get(s, math.nan) for s in specs]) if len(seeds) > 1 else math.nan
+    reached = [t for t in table if t["rho_val"] >= design["fidelity"]["rho_goal"]]
+    chosen = min(reached, key=lambda t: (t["cost"], -t["rho_val"])) if reached else \
+        max(table, key=lambda t: _finite(t["rho_val"]))
+    return table, {**chosen, "reached_goal": bool(reached), "full_seed_to_seed_rho": rho_seeds,
+                   "full_val_test_rho": spearman([full_val[s] for s in specs], [full_test[s] for s in specs])}
+
+
+# ------------------------------------------------------------------ stage B: arms
+def search(design: dict[str, Any], arm: str, seed: int, setting: dict[str, Any], proxy: dict[str, Any],
+           reward: str) -> dict[str, Any]:
+    """A search arm's proxy trials on one unit: rows (spec, reward, round, images) and, reward-guided, the policy
+    per round."""
+    from marginsearch.searchspace import StudyOptions, load, run_search
+    from marginsearch.searchspace.sampler import RewardGuidedSampler
+
+    s = design["search"]
+    space = load(s["space"])
+    trials: list[dict[str, Any]] = []
+
+    def objective(spec: Any, report: Callable[[int, float], None]) -> float:
+        result = fit(spec.to_dict(), proxy, seed, setting)
+        trials.append(result)
+        return reward_of(result, reward)
+
+    n = s["rounds"] * s["population"]
+    sampler: Any = RewardGuidedSampler(space=space, seed=seed, population=s["population"]) \
+        if arm == "reward-guided" else arm
+    result = run_search(space, objective, sampler=sampler, n_trials=n, seed=seed, population=s["population"],
+                        study=StudyOptions(name=f"{arm}-s{seed}"))
+    rows = [{"number": r.number, "round": r.number // s["population"], "spec": r.spec.to_dict() if r.spec else None,
+             "params": r.params, "reward": r.reward if r.reward is not None else math.nan, "state": r.state,
+             "images": t["images"], "seconds": t["seconds"]} for r, t in zip(result.rows, trials, strict=True)]
+    out: dict[str, Any] = {"rows": rows}
+    if isinstance(sampler, RewardGuidedSampler):
+        out["trajectory"] = sampler.trajectory(result.study)
+    return out
+
+
+def tuned_named_trials(design: dict[str, Any], seed: int, setting: dict[str, Any], proxy: dict[str, Any],
+                       reward: str) -> dict[str, Any]:
+    """The careful user's grid: every named loss × scale, `repeats` proxy trainings each (seeds seed, seed + 1000,
+    ...); a point's reward is the mean of its repeats."""
+    from marginsearch.losses import named
+
+    g = design["tuned_named"]
+    rows = []
+    for loss in g["losses"]:
+        for s in g["scales"]:
+            spec = named(loss, s=float(s)).to_dict()
+            results = [fit(spec, proxy, seed + 1000 * r, setting) for r in range(g["repeats"])]
+            rows.append({"number": len(rows), "round": None, "spec": spec, "params": {"loss": loss, "s": s},
+                         "reward": _mean(reward_of(x, reward) for x in results), "state": "COMPLETE",
+                         "images": sum(x["images"] for x in results), "seconds": sum(x["seconds"] for x in results)})
+    return {"rows": rows}
+
+
+def arm_task(design: dict[str, Any], arm: str, seed: int, draw: int, proxy_name: str, reward: str) -> dict[str, Any]:
+    """One arm on one unit: proxy trials, top specs promoted to the full budget (seed + 100), the best on validation
+    retrained on seed + 200 and judged on test. `events` records the order: test is read only after selection."""
+    sel = design["selection"]
+    setting = {"preset": design["benchmark"]["preset"], "seed": draw}
+    proxy, full = proxy_budget(design, proxy_name), design["budget"]["full"]
+    found = tuned_named_trials(design, seed, setting, proxy, reward) if arm == "tuned-named" else \
+        search(design, arm, seed, setting, proxy, reward)
+    events = [f"proxy:{len(found['rows'])}"]
+    ranked = sorted((r for r in found["rows"] if math.isfinite(r["reward"])), key=lambda r: -r["reward"])
+    top = list({json.dumps(r["spec"], sort_keys=True): r for r in reversed(ranked)}.values())
+    top = sorted(top, key=lambda r: -r["reward"])[:design["search"]["promote"]]
+    promoted = []
+    for r in top:
+        result = fit(r["spec"], full, seed + sel["promotion_seed_offset"], setting)
+        events.append("promote")
+        promoted.append({"spec": r["spec"], "proxy_reward": r["reward"], "round": r["round"], "number": r["number"],
+                         "full_val": result["val"].get(sel["metric"], math.nan), "images": result["images"],
+                         "seconds": result["seconds"], "status": result["status"]})
+    if not promoted:
+        return {"arm": arm, "seed": seed, "draw": draw, **found, "promoted": [], "events": events}
+    pick = max(range(len(promoted)), key=lambda i: _finite(promoted[i]["full_val"]))
+    events.append(f"select:{pick}")
+    final = fit(promoted[pick]["spec"], full, seed + sel["retrain_seed_offset"], setting, judge_test=True)
+    events.append("test")
+    return {"arm": arm, "seed": seed, "draw": draw, **found, "promoted": promoted, "champion_index": pick,
+            "champion": promoted[pick]["spec"], "retrain": final, "events": events}
+
+
+# ------------------------------------------------------------------ stage C: transfer and the scale sweep
+def transfer_task(design: dict[str, Any], setting_name: str, label: str, spec: dict[str, Any],
+                  seed: int) -> dict[str, Any]:
+    """`spec` trained on a transfer setting (its own benchmark and budget) and judged on its test identities."""
+    t = dict(design["transfer"][setting_name])
+    budget = {**design["budget"]["full"], **({"epochs": t.pop("epochs")} if "epochs" in t else {})}
+    result = fit(spec, budget, seed, t, judge_test=True)
+    return {"setting": setting_name, "label": label, "seed": seed, "spec": spec, **result}
+
+
+def sweep_task(design: dict[str, Any], identities: int, s: float, seed: int) -> dict[str, Any]:
+    """CosFace (m = 0.35) at scale `s` trained on the first `identities` classes of draw 0."""
+    from marginsearch.losses import named
+
+    setting = {"preset": design["benchmark"]["preset"], "seed": design["benchmark"]["draws"][0]}
+    budget = {**design["budget"]["full"], "identities": identities}
+    return {"identities": identities, "s": s, "seed": seed,
+            **fit(named("cosface", s=float(s)).to_dict(), budget, seed, setting, judge_test=True)}
+
+
+# ------------------------------------------------------------------ running tasks, cached
+class Runner:
+    """Runs (function, kwargs) tasks in `jobs` worker processes; each result cached as <cache>/<key>.json."""
+
+    def __init__(self, cache: Path, jobs: int, log: Callable[[str], None]) -> None:
+        self.cache, self.jobs, self.log = cache, jobs, log
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, kwargs: dict[str, Any]) -> Path:
+        blob = json.dumps([name, {k: v for k, v in kwargs.items() if k != "design"}], sort_keys=True)
+        digest = hashlib.sha256((blob + json.dumps(kwargs.get("design"), sort_keys=True)).encode()).hexdigest()
+        return self.cache / f"{name}-{digest[:16]}.json"
+
+    def map(self, fn: Callable[..., dict[str, Any]], tasks: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        tasks = list(tasks)
+        out: list[dict[str, Any] | None] = [None] * len(tasks)
+        todo = []
+        for i, kwargs in enumerate(tasks):
+            path = self._path(fn.__name__, kwargs)
+            if path.is_file():
+                out[i] = json.loads(path.read_text())
+            else:
+                todo.append(i)
+        self.log(f"{fn.__name__}: {len(tasks)} tasks, {len(tasks) - len(todo)} cached, {self.jobs} job(s)")
+        if self.jobs <= 1:
+            _init_worker(max(1, torch_threads()))
+            for i in todo:
+                out[i] = self._save(fn.__name__, tasks[i], fn(**tasks[i]))
+        elif todo:
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                futures = {i: pool.submit(fn, **tasks[i]) for i in todo}
+                for done, (i, future) in enumerate(futures.items(), 1):
+                    out[i] = self._save(fn.__name__, tasks[i], future.result())
+                    self.log(f"  {fn.__name__} {done}/{len(todo)}")
+        return [o for o in out if o is not None]
+
+    def _save(self, name: str, kwargs: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        path = self._path(name, kwargs)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, default=_jsonable))
+        tmp.replace(path)
+        return json.loads(path.read_text())
+
+
+def torch_threads() -> int:
+    """Threads of a single-job run: every core."""
+    return os.cpu_count() or 1
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return repr(value)
+
+
+def _mean(values: Iterable[Any]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _finite(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else -math.inf
 
 
-def population_search(seed: int, mode: Any, args: Any, log: Any) -> dict[str, Any]:
-    """Population mode with rounds × population = the campaigns' proxy epochs; the last round's best retrained on
-    the full budget."""
-    from marginsearch.losses import identify
-    from marginsearch.searchspace.options import StudyOptions
-    from marginsearch.searchspace.population import run_population
-    from marginsearch.trainers.budget import budget_from
-    from marginsearch.trainers.objective import PopulationObjective
-
-    rounds = max(1, args.trials * args.proxy_epochs // args.population)
-    objective = PopulationObjective(mode.source, budget_from(mode.proxy, epochs=rounds, seed=seed))
-    result = run_population(args.space, objective, rounds, population=args.population, seed=seed,
-                            study=StudyOptions(name=f"search-pays-population-s{seed}"
-                                               + ("" if args.space == "unified" else f"-{args.space}")),
-                            callbacks=[lambda row: log(f"  round {row.round} trial {row.number} {row.state} "
-                                                       f"reward {row.reward}")])
-    last = result.best_per_round[-1] or result.best
-    spec = last.spec
-    log(f"population: retraining the last round's best spec on the full budget ({mode.full.epochs} epochs)")
-    history = [[i + 1, r.reward] for i, r in enumerate(result.rows)]
-    return {"method": "population", "seed": seed, "campaign": f"population-s{seed}", "spec": spec.to_dict(),
-            "named": identify(spec), "proxy_reward": last.reward, "promoted_run_id": "", **retrain(spec, seed, mode),
-            "history": history, "rounds": rounds}
-
-
-def scale_ablation(runs: list[dict], base_name: str, mode: Any, log: Any) -> tuple[list[dict], float]:
-    """The best named loss retrained at the searched champions' median scale s, on the study's seeds: the scale's
-    share of the gain."""
-    import statistics
-
-    from marginsearch.losses import named
-
-    s = statistics.median(r["spec"]["s"] for r in runs)
-    log(f"scale ablation: {base_name} at s = {s:.3g} (the champions' median), seeds {list(mode.seeds)}")
-    out = [{"loss": f"{base_name} at s = {s:.3g}", "seed": seed, **retrain(named(base_name, s=s), seed, mode)}
-           for seed in mode.seeds]
-    return out, s
+# ------------------------------------------------------------------ the study
+def run(design: dict[str, Any], runner: Runner, log: Callable[[str], None]) -> dict[str, Any]:
+    """All three stages; everything the report needs."""
+    log("== A. proxy fidelity")
+    generator = runner.map(generator_search, [{"design": design}])[0]
+    specs = fidelity_specs(design, generator["rows"])
+    fidelity = runner.map(fidelity_task, [{"design": design, "spec": spec, "seed": seed}
+                                          for spec in specs for seed in design["fidelity"]["seeds"]])
+    table, chosen = choose_proxy(design, fidelity)
+    log(f"   proxy {chosen['proxy']}, reward {chosen['reward']}: ρ = {chosen['rho_val']:.2f} against the full-budget "
+        f"validation reward ({'reaches' if chosen['reached_goal'] else 'misses'} the goal)")
+    log("== B. arms at equal compute")
+    arms = runner.map(arm_task, [{"design": design, "arm": arm, "seed": seed, "draw": draw,
+                                  "proxy_name": chosen["proxy"], "reward": chosen["reward"]}
+                                 for arm in design["search"]["arms"] for seed, draw in units_of(design)])
+    log("== C. transfer")
+    picks = transfer_picks(design, arms)
+    transfer = runner.map(transfer_task, [{"design": design, "setting_name": name, "label": label, "spec": spec,
+                                           "seed": seed}
+                                          for name in design["transfer"]["settings"] for label, spec in picks.items()
+                                          for seed in design["transfer"]["seeds"]])
+    sw = design["scale_sweep"]
+    sweep = runner.map(sweep_task, [{"design": design, "identities": ids, "s": s, "seed": seed}
+                                    for ids in sw["identities"] for s in sw["scales"] for seed in sw["seeds"]])
+    return {"generator": generator, "fidelity_specs": specs, "fidelity": fidelity, "fidelity_table": table,
+            "proxy": chosen, "arms": arms, "transfer_picks": picks, "transfer": transfer, "sweep": sweep}
 
 
-def baseline_runs(args: Any, mode: Any) -> tuple[list[dict], str]:
-    """Study 1's runs if they match this mode (same preset, epochs, reducedness), else `--baselines` trained here."""
-    path = Path(args.named_results) if args.named_results else Path(args.out).parent / "named_baselines" / "runs.json"
-    if path.is_file():
-        blob = json.loads(path.read_text())
-        if (blob.get("preset"), blob.get("full_epochs"),
-                blob.get("reduced")) == (mode.preset, mode.full.epochs, mode.reduced):
-            return blob["runs"], f"study 1 ({path})"
-        print(f"{path} was run with another preset or budget: training the baselines here", flush=True)
-    return train_named(tuple(args.baselines), mode), "trained here"
-
-
-def _history_figure(runs: list[dict], methods: list[str]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), sharey=True, squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        for i, run in enumerate(r for r in runs if r["method"] == method):
-            points = [(x, y) for x, y in run["history"] if y is not None and math.isfinite(y)]
-            if not points:
-                continue
-            xs, ys = zip(*points)
-            best = [max(ys[:k + 1]) for k in range(len(ys))]
-            ax.scatter(xs, ys, s=10, alpha=0.5, color=f"C{i}")
-            ax.step(xs, best, where="post", color=f"C{i}", label=f"seed {run['seed']}")
-        ax.set_title(method, fontsize=9)
-        ax.set_xlabel("proxy epochs spent")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("proxy reward (dots) and best so far")
-    return fig
-
-
-def _logit_figure(champion: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from marginsearch.losses import MarginSpec, named
-    from marginsearch.losses.plot import plot_target_logits
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    label = f"champion ({champion['method']}, seed {champion['seed']})"
-    plot_target_logits({label: MarginSpec.from_dict(champion["spec"]), "arcface": named("arcface"),
-                        "cosface": named("cosface")}, ax=ax)
-    return fig
-
-
-def _champion_table(runs: list[dict], metric: str) -> str:
-    """One row per search: the champion's parameters, proxy and full-budget validation rewards, test metric (%)."""
-    rows = [[r["method"], r["seed"], _spec_text(r["spec"]), fmt(r.get("proxy_reward", math.nan)),
-             fmt(r.get("full_val_reward", math.nan)), fmt(r.get(metric, math.nan))] for r in runs]
-    return table(["method", "seed", "champion", "proxy reward", "full-budget val", f"test {metric}"], rows)
-
-
-def _spec_text(spec: dict) -> str:
-    """The numeric fields of a spec, short: 's=17.5, target.m1=0.944, ...' (flags and kinds left out)."""
-    from marginsearch.losses import MarginSpec
-
-    flat = MarginSpec.from_dict(spec).flat()
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()
-                     if k != "learnable_scale" and not k.endswith((".kind", ".guard", ".straight_through", ".momentum"))
-                     and not isinstance(v, (bool, list)))
-
-
-def verdict(runs: list[dict], base: list[dict], base_name: str, methods: list[str], metric: str) -> str:
-    """Per method: the champion's mean gap to the best named loss on `metric`, and whether it exceeds the seed
-    spread."""
-    b = [r[metric] for r in base if r["loss"] == base_name]
-    lines = []
-    for method in methods:
-        c = [r.get(metric, math.nan) for r in runs if r["method"] == method]
-        gap, spread = mean(c) - mean(b), max(std(c), std(b))
-        beats = "beats it by more than the seed spread" if gap > spread else \
-            "does NOT beat it by more than the seed spread"
-        lines.append(f"- {method}: {fmt(mean(c))} vs {base_name} {fmt(mean(b))}: gap {fmt(gap)} points, seed spread "
-                     f"{fmt(spread)} → {beats}.")
-    return "\n".join(lines)
+def transfer_picks(design: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The reward-guided and tuned-named champions with the best full-budget validation reward on the first draw."""
+    draw = design["benchmark"]["draws"][0]
+    picks = {}
+    for arm, label in (("reward-guided", "searched (reward-guided)"), ("tuned-named", "tuned named")):
+        runs = [a for a in arms if a["arm"] == arm and a["draw"] == draw and a.get("promoted")]
+        if runs:
+            best = max(runs, key=lambda a: _finite(a["promoted"][a["champion_index"]]["full_val"]))
+            picks[label] = best["champion"]
+    return picks
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = study_parser(__doc__, "search_pays")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--space", default="margin",
-                   help="built-in search space (default margin; e.g. unified, search-softmax)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="trials per independent-mode search (default 16; reduced 2)")
-    p.add_argument("--proxy-epochs", type=int, default=None, help="epochs per proxy trial (default 2; reduced 1)")
-    p.add_argument("--population", type=int, default=None, help="candidates per policy round (default 8; reduced 2)")
-    p.add_argument("--promote", type=int, default=None,
-                   help="top specs per campaign trained on the full budget, the best "
-                        "on validation kept (default 3; reduced 2)")
-    p.add_argument("--no-scale-ablation", dest="scale_ablation", action="store_false",
-                   help="skip retraining the best named loss at the champions' median scale")
-    p.add_argument("--baselines", nargs="+", default=["arcface", "cosface"],
-                   help="named losses to train when study 1's results are absent")
-    p.add_argument("--named-results", default="", help="study 1's runs.json (default ../named_baselines/runs.json)")
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reduced", action="store_true", help="the reduced design (tiny preset; CI)")
+    p.add_argument("--design", default="", help="a design TOML (default studies/designs/search_pays[_reduced].toml)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (cache/ inside it makes a run resumable)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="trainings at once (default 2)")
+    p.add_argument("--mlflow", default="", help="MLflow tracking URI (default sqlite:///<out>/../mlflow.db)")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="Some regimes for parameter")  # Optuna's importance on few trials
-    mode = mode_for(args)
-    args.trials = args.trials or (2 if mode.reduced else 16)
-    args.proxy_epochs = args.proxy_epochs or mode.proxy.epochs
-    args.population = args.population or (2 if mode.reduced else 8)
-    args.promote = args.promote or (2 if mode.reduced else 3)
-    out = StudyOutput("Does the search pay?", Path(args.out), command_line("studies.search_pays", argv), vars(args))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    path = Path(args.design) if args.design else DESIGNS / ("search_pays_reduced.toml" if args.reduced
+                                                            else "search_pays.toml")
+    design = load_design(path)
+    out = Path(args.out).resolve()
     log = lambda line: print(line, flush=True)  # noqa: E731
-    runs: list[dict] = []
     t0 = time.perf_counter()
-    for seed in mode.seeds:
-        for method in args.methods:
-            log(f"== {method}, search seed {seed} ({time.perf_counter() - t0:.0f} s)")
-            runs.append(population_search(seed, mode, args, log) if method == "population"
-                        else campaign_search(method, seed, mode, args, log))
-    base, where = baseline_runs(args, mode)
-    base_name = best_named(base, mode.metric)
-    rows = [{**r, "row": f"{r['method']} (searched)"} for r in runs]
-    rows += [{**r, "row": f"{base_name} (best named)"} for r in base if r["loss"] == base_name]
-    order = [f"{m} (searched)" for m in args.methods] + [f"{base_name} (best named)"]
-    ablation: list[dict] = []
-    if args.scale_ablation:
-        ablation, s = scale_ablation(runs, base_name, mode, log)
-        rows += [{**r, "row": r["loss"]} for r in ablation]
-        order.append(ablation[0]["loss"])
-    total = args.trials * args.proxy_epochs
-    out.add(f"Champion of each search of the `{args.space}` space on the test identities of `{mode.preset}` "
-            f"(mean ± std over search seeds {', '.join(map(str, mode.seeds))}; {total} proxy epochs per search, "
-            f"full budget {mode.full.epochs} epochs)",
-            summarise(rows, "row", {"proxy reward": "proxy_reward", "full-budget val": "full_val_reward", **METRICS},
-                      order=order))
-    out.add(f"Against the best named loss ({base_name}, from {where}) on test {mode.metric}",
-            verdict(runs, base, base_name, args.methods, mode.metric))
-    if ablation:
-        out.add(f"Is it the scale? {base_name} retrained at the champions' median s = {s:.3g}",
-                verdict([{**r, "method": r["loss"]} for r in ablation], base, base_name, [ablation[0]["loss"]],
-                        mode.metric)
-                + "\n" + verdict(runs, ablation, ablation[0]["loss"], args.methods, mode.metric))
-    out.add("Champions per search (chosen by full-budget validation reward, retrained with the study seed)",
-            _champion_table(runs, mode.metric))
-    champion = max(runs, key=lambda r: _finite(r.get("full_val_reward")))
-    out.add("Champion spec (best full-budget validation reward of all searches)",
-            f"{champion['method']}, seed {champion['seed']}: named loss "
-            f"{champion['named'] or 'none'}; spec `{json.dumps(champion['spec'])}`")
-    out.figure("search_history", _history_figure(runs, args.methods))
-    out.figure("champion_target_logit", _logit_figure(champion))
-    log_runs_to_mlflow(tracking_uri(args), EXPERIMENT + "-summary",
-                       [{k: v for k, v in r.items() if k not in ("history", "spec")} for r in runs],
-                       lambda r: f"{r['method']} seed {r['seed']}")
-    out.write(runs, {"baseline": base_name, "baseline_source": where, "baseline_runs": base, "metric": mode.metric,
-                     "champion": champion, "proxy_epochs_per_search": total, "scale_ablation": ablation})
+    data = run(design, Runner(out / "cache", args.jobs, log), log)
+    from studies.search_report import report
+
+    report(design, path, data, out, args, time.perf_counter() - t0, argv)
     return 0
 
 
