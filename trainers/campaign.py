@@ -173,14 +173,17 @@ class CampaignResult:
     gate_metric: str = ""
 
     def summary(self) -> str:
-        """Markdown: promoted models against the named baselines on the test metric, the champion, the UI command."""
+        """Markdown: promoted models, ranked by the gate's validation metric, with their test numbers; the champion,
+        the UI command."""
         metric = self.gate_metric
+        name = metric.removeprefix("val/")
         lines = [f"campaign {self.key}: {len(self.search.rows)} trials, {len(self.promoted)} promoted", "",
-                 f"| model | named loss | proxy reward | test {metric.removeprefix('test/')} | 10-fold accuracy | "
-                 f"registry | gate |", "|---|---|---|---|---|---|---|"]
+                 f"| model | named loss | proxy reward | val {name} (gate) | test {name} | 10-fold accuracy | "
+                 f"registry | gate |", "|---|---|---|---|---|---|---|---|"]
         for p in sorted(self.promoted, key=lambda p: -p.metrics.get(metric, -math.inf)):
             reward = "" if p.proxy_reward is None else f"{p.proxy_reward:.4f}"
             lines.append(f"| {p.label} | {p.named or '—'} | {reward} | {p.metrics.get(metric, math.nan):.4f} | "
+                         f"{p.metrics.get(f'test/{name}', math.nan):.4f} | "
                          f"{p.metrics.get('test/accuracy', math.nan):.4f} | v{p.version} | {p.gate_reason} |")
         if self.champion_version:
             lines += ["", f"champion: {self.model_name} v{self.champion_version} ({self.champion_label})",
@@ -369,6 +372,7 @@ def _promote_one(config: CampaignConfig, tracker: CampaignTracker, key: str, par
     if result.status == "diverged":
         raise TrialFailed(f"promoted spec {skey} diverged on the full budget: {result.reason}")
     metrics = _evaluate(config, result.model, budget.seed)
+    metrics.update({f"val/{k}": v for k, v in result.metrics.items()})  # the full budget's last validation: the gate
     metrics["full/val_reward"] = result.reward
     run_id = tracker.log_promoted(parent, trial_run_id, spec, metrics, result.model, result.model.preprocess,
                                   name=f"promoted {named or skey}",
@@ -389,11 +393,13 @@ def _native_metrics(logged: dict[str, float]) -> dict[str, float]:
 
 def _register(config: CampaignConfig, tracker: CampaignTracker, promoted: list[Promoted], metric: str,
               log: Callable[[str], None]) -> None:
+    """Register every promoted model; the gate compares them on `metric` (validation: test never chooses)."""
     from .registry import register_and_gate, set_challenger
 
     for p in sorted(promoted, key=lambda p: p.metrics.get(metric, -math.inf)):  # best last: it meets the gate last
         gate = register_and_gate(tracker.client, config.model_name, p.run_id, metric,
-                                 p.metrics.get(metric, math.nan), description=_description(p, metric))
+                                 p.metrics.get(metric, math.nan),
+                                 description=_description(p, f"test/{config.promote.metric}"))
         p.version, p.became_champion, p.gate_reason = gate.version, gate.became_champion, gate.reason
         log(f"registry: {config.model_name} v{gate.version} ({p.label}): {gate.reason}")
     losers = [p for p in promoted if p.version and not _is_champion(tracker, config.model_name, p.version)]
@@ -503,7 +509,7 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
     figures = _search_figures(result)
     tracker.log_files(parent, {"search_results.md": result.to_markdown()})
     tracker.set_tags(parent, {f"{TAG}phase": "promote"})
-    metric = f"test/{config.promote.metric}"
+    metric = f"val/{config.promote.metric}"  # the gate: full-budget validation; test is reported, never chosen on
     campaign = CampaignResult(key, parent, uri, config.experiment, config.model_name, result, gate_metric=metric)
     if "promote" in phases:
         rows = _candidates(result.rows, config.promote.top_k, config.promote.baseline)
@@ -522,10 +528,13 @@ def run_campaign(config: CampaignConfig, *, new: bool = False, phases: tuple[str
             named = current.tags.get(f"{TAG}named_loss", "none")
             campaign.champion_label = labels.get(str(current.version), named if named != "none" else "a searched spec")
         tracker.set_tags(parent, {f"{TAG}phase": "done"})
+        test = f"test/{config.promote.metric}"
         best = max((p.metrics.get(metric, -math.inf) for p in campaign.promoted), default=-math.inf)
         tracker.end_search(parent, campaign.summary(), figures,
                            {"best_proxy_reward": (result.best.reward if result.best else math.nan),
-                            "best_promoted_" + metric: best})
+                            "best_promoted_" + metric: best,
+                            "champion_" + test: next((p.metrics.get(test, math.nan) for p in campaign.promoted
+                                                      if p.became_champion), math.nan)})
     else:
         tracker.log_files(parent, figure_files(figures))
     return campaign

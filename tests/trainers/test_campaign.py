@@ -90,7 +90,7 @@ def test_promoted_runs_link_to_their_trials_and_the_champion_loads_and_embeds(ca
     trial_ids = {r.info.run_id for r in _children(client, first) if r.data.tags.get(f"{TAG}kind") == "trial"}
     for run in promoted:
         assert run.data.tags[f"{TAG}trial_run_id"] in trial_ids
-        assert "test/auc" in run.data.metrics and "test/accuracy" in run.data.metrics
+        assert "test/auc" in run.data.metrics and "test/accuracy" in run.data.metrics and "val/auc" in run.data.metrics
     versions = client.search_model_versions(f"name = '{config.model_name}'")
     assert {v.run_id for v in versions} >= {r.info.run_id for r in promoted}
     champion = client.get_model_version_by_alias(config.model_name, "champion")
@@ -100,8 +100,9 @@ def test_promoted_runs_link_to_their_trials_and_the_champion_loads_and_embeds(ca
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     emb = model(images)
     assert emb.shape[0] == 3 and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-4)
-    champ_value = float(champion.tags[f"{TAG}metric.test/auc"])
-    assert champ_value == pytest.approx(max(p.metrics["test/auc"] for p in first.promoted))
+    champ_value = float(champion.tags[f"{TAG}metric.val/auc"])  # the gate reads validation, never test
+    assert champ_value == pytest.approx(max(p.metrics["val/auc"] for p in first.promoted))
+    assert f"{TAG}metric.test/auc" not in champion.tags
 
 
 def test_a_second_campaign_is_added_without_touching_the_first_and_the_alias_moves_only_through_the_gate(campaigns):
@@ -111,8 +112,8 @@ def test_a_second_campaign_is_added_without_touching_the_first_and_the_alias_mov
     after = {r.info.run_id: (r.info.status, dict(r.data.tags)) for r in _runs(client, first)}
     assert after == snapshot
     champion = client.get_model_version_by_alias(config.model_name, "champion")
-    best_first = max(p.metrics["test/auc"] for p in first.promoted)
-    best_second = max(p.metrics["test/auc"] for p in second.promoted)
+    best_first = max(p.metrics["val/auc"] for p in first.promoted)
+    best_second = max(p.metrics["val/auc"] for p in second.promoted)
     # CPU training is deterministic: the second campaign reproduces the first, so no version beats the champion
     assert best_second == pytest.approx(best_first)
     assert all(not p.became_champion for p in second.promoted)
