@@ -64,6 +64,7 @@ STOP_EXCEPTIONS: dict[str, str] = {"optuna.exceptions.TrialPruned": "pruned",
                                    "builtins.KeyboardInterrupt": "abandoned"}  # SIGINT / SIGTERM: KILLED, retried
 
 TAG = "marginsearch."          # prefix of every tag this module writes
+FLUSH_EVERY_S = 5.0            # a trial run writes its queued epoch metrics at most this long after the last write
 PARENT_TAG = "mlflow.parentRunId"
 OPTUNA_TRIAL_TAG = "optuna.trial_number"   # on each trial run: the Optuna trial it records
 OPTUNA_STUDY_TAG = "optuna.study"          # on the campaign and trial runs: the Optuna study name
@@ -185,18 +186,34 @@ class TrialRun:
     unless the caller sets it to "complete" before its last report.
     """
 
-    def __init__(self, client: mlflow.MlflowClient, run_id: str, resumed: bool = False) -> None:
+    def __init__(self, client: mlflow.MlflowClient, run_id: str, resumed: bool = False,
+                 flush_every_s: float = FLUSH_EVERY_S) -> None:
         self.client = client
         self.run_id = run_id
         self.resumed = resumed
         self.exit_state = "pruned"
         self.state: str | None = None
+        self.flush_every_s = flush_every_s
         self._last_step = 0
+        self._pending: list[tuple[int, Mapping[str, float]]] = []
+        self._written = time.monotonic()
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Log one epoch's metrics in one batch; NaN/inf values are kept out of the history and noted as tags."""
+        """Queue one epoch's metrics; they are written (one batch for all queued epochs) once `flush_every_s` has
+        passed since the last write, and at `finish`: a trial of cheap epochs costs one write, a slow one shows
+        each epoch as it ends. NaN/inf values are kept out of the history and noted as tags."""
         self._last_step = int(epoch)
-        _log_metrics(self.client, self.run_id, metrics, int(epoch))
+        self._pending.append((int(epoch), dict(metrics)))
+        if time.monotonic() - self._written >= self.flush_every_s:
+            self.flush()
+
+    def flush(self, tags: Sequence[RunTag] = (), final: Mapping[str, float] | None = None) -> None:
+        """Write the queued epochs (plus `final` metrics at the last step and `tags`) in as few batches as MLflow
+        allows."""
+        steps = self._pending + ([(self._last_step, final)] if final else [])
+        if steps or tags:
+            _log_steps(self.client, self.run_id, steps, tags)
+        self._pending, self._written = [], time.monotonic()
 
     def finish(self, state: str, reason: str = "", reward: float | None = None) -> None:
         """End the run: complete → FINISHED, pruned → KILLED, failed → FAILED; a second call is ignored."""
@@ -205,7 +222,7 @@ class TrialRun:
         if self.state is not None:
             return
         tags = [RunTag(f"{TAG}state", state), RunTag(f"{TAG}reason", _tag_value(reason))]
-        _log_metrics(self.client, self.run_id, {} if reward is None else {"reward": reward}, self._last_step, tags)
+        self.flush(tags, None if reward is None else {"reward": reward})
         self.client.set_terminated(self.run_id, STATES[state])
         self.state = state
 
@@ -239,14 +256,25 @@ def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str,
                  tags: Sequence[RunTag] = ()) -> None:
     """Finite metrics and `tags` in one `log_batch` (more only past MLflow's limits); a non-finite value becomes tag
     marginsearch.nonfinite.<key>."""
+    _log_steps(client, run_id, [(step, metrics)], tags)
+
+
+def _log_steps(client: mlflow.MlflowClient, run_id: str, steps: Sequence[tuple[int, Mapping[str, float]]],
+               tags: Sequence[RunTag] = ()) -> None:
+    """`_log_metrics` for several steps at once: (step, metrics) pairs, in order, in as few `log_batch` calls as
+    MLflow's limits allow (a later step's non-finite tag replaces an earlier one's)."""
     stamp = int(time.time() * 1000)
-    finite, labels = [], list(tags)
-    for key, value in metrics.items():
-        value = float(value)
-        if math.isfinite(value):
-            finite.append(Metric(mlflow_name(key), value, stamp, step))
-        else:
-            labels.append(RunTag(f"{TAG}nonfinite.{mlflow_name(key)}", f"{value} at step {step}"))
+    by_step: dict[tuple[str, int], Metric] = {}  # one value per (key, step): a later one replaces an earlier one
+    nonfinite: dict[str, str] = {}
+    for step, metrics in steps:
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                by_step[(mlflow_name(key), step)] = Metric(mlflow_name(key), value, stamp, step)
+            else:
+                nonfinite[f"{TAG}nonfinite.{mlflow_name(key)}"] = f"{value} at step {step}"
+    finite = list(by_step.values())
+    labels = [*tags, *(RunTag(k, v) for k, v in nonfinite.items())]
     while finite or labels:
         tag_part, labels = labels[:MAX_PARAMS_TAGS_PER_BATCH], labels[MAX_PARAMS_TAGS_PER_BATCH:]
         room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_part))

@@ -94,6 +94,28 @@ def test_search_and_trial_runs_hold_params_metrics_tags_artifacts(tracker, tmp_p
     assert _read(tracker, trial.run_id, "target_logit.png", tmp_path).startswith(PNG_MAGIC)
 
 
+@pytest.mark.parametrize("flush_every_s", [0.0, 3600.0])
+def test_epochs_are_written_live_or_queued_to_finish_with_the_same_history(tracker, monkeypatch, flush_every_s):
+    """Slow epochs (flush_every_s passed) are written as they end; cheap ones wait for `finish`: one write."""
+    parent = _parent(tracker, f"search flush {flush_every_s}")
+    trial = tracker.trial_run(parent, "q", named("cosface"), {}, {})
+    trial.flush_every_s = flush_every_s
+    batches = []
+    real = tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (batches.append(k), real(*a, **k))[1])
+    for epoch in range(3):
+        trial.log_epoch(epoch, {"reward": 0.1 * epoch, "loss": float("inf") if epoch == 1 else 1.0})
+        if flush_every_s:  # queued: nothing in the store before finish
+            assert tracker.client.get_metric_history(trial.run_id, "reward") == []
+    trial.finish("complete", reward=0.2)  # the last epoch's reward again, at the same step
+    assert len(batches) == (4 if flush_every_s == 0 else 1)
+    history = tracker.client.get_metric_history(trial.run_id, "reward")
+    assert sorted({(m.step, round(m.value, 6)) for m in history}) == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert len(history) == (4 if flush_every_s == 0 else 3)  # queued, the final reward and epoch 2's are one write
+    run = tracker.client.get_run(trial.run_id)
+    assert run.data.tags["marginsearch.nonfinite.loss"] == "inf at step 1" and run.info.status == "FINISHED"
+
+
 def test_unnamed_spec_is_tagged_none(tracker):
     parent = _parent(tracker, "search unnamed")
     spec = MarginSpec(s=30.0, target=AngularMargin(m2_rad=0.31, m3_cos=0.07))
