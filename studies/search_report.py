@@ -218,9 +218,10 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
              "intervals are 95 % percentile bootstrap intervals of the mean per-unit difference, p the exact "
              "two-sided sign-flip test."]
     (out / "results.md").write_text("\n".join(body) + "\n")
+    (out / "summary.md").write_text(_summary(design, sections, command) + "\n")
     blob = {"design": design, "design_file": str(design_path), "command": command, "seconds": seconds,
             "tests": {k: vars(v) for k, v in tests.items()}, "compute": cr, **data}
-    (out / "runs.json").write_text(json.dumps(blob, indent=1))
+    (out / "runs.json").write_text(json.dumps(blob, separators=(",", ":")))
     uri = args.mlflow or f"sqlite:///{out.parent / 'mlflow.db'}"
     log_runs_to_mlflow(uri, "study-search-pays", [
         {"arm": a["arm"], "seed": a["seed"], "draw": a["draw"], "champion": _spec_text(a["champion"]),
@@ -229,6 +230,19 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
         lambda r: f"{r['arm']} seed {r['seed']} draw {r['draw']}")
     print("\n".join(body), flush=True)
     return out
+
+
+def _summary(design: dict[str, Any], sections: list[tuple[str, str]], command: str) -> str:
+    """The README's block: the headline table with its verdicts, the proxy line, the policy plot, the transfer table."""
+    wanted = {"Does the search pay?", "Proxy used by every arm", "Transfer without searching again"}
+    parts = []
+    for title, text in sections:
+        if any(title.startswith(w) for w in wanted):
+            parts += [f"**{title}**", "", text, ""]
+            if title.startswith("Proxy used"):
+                parts += ["![policy per round](policy_per_round.png)", ""]
+    parts.append(f"From `{command}`; every table of the run: [results.md](results.md).")
+    return "\n".join(parts)
 
 
 def _rounds_section(design: dict[str, Any], arms: list[dict[str, Any]]) -> tuple[str, str]:
