@@ -32,6 +32,7 @@ from ._study import (
     record_failure,
     retried_numbers,
     retry_abandoned,
+    write_ahead_log,
 )
 from .options import DEFAULT_POPULATION, RayOptions, SearchPlan, StudyOptions
 from .optuna_backend import run_optuna
@@ -42,7 +43,7 @@ from .space import SearchSpace, load
 __all__ = ["SearchError", "SAMPLERS", "PRUNERS", "BACKENDS", "STORAGE_KINDS", "run_search", "make_storage",
            "make_sampler", "enqueue_baselines", "baseline_params", "checked_reward", "open_study", "finished_count",
            "record_failure", "retry_abandoned", "retried_numbers", "HEARTBEAT_S", "ABANDONED_RETRIES",
-           "StudyOptions", "RayOptions", "SearchPlan", "DEFAULT_POPULATION"]
+           "StudyOptions", "RayOptions", "SearchPlan", "DEFAULT_POPULATION", "write_ahead_log"]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from torch import nn
 
 from marginsearch.losses import MarginSpec, identify
 from marginsearch.losses.errors import MarginsearchError
+from marginsearch.searchspace.search import write_ahead_log
 
 from .figures import target_logit_png
 from .images import Preprocess
@@ -303,6 +304,8 @@ class CampaignTracker:
         if not experiment_name:
             raise TrackingError("experiment name must not be empty")
         check_tracking_uri(tracking_uri)
+        if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:///:memory:"):
+            write_ahead_log(tracking_uri[len("sqlite:///"):].partition("?")[0])
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         # the registry lives in the same store: never the process-wide registry URI another caller may have set

@@ -367,3 +367,19 @@ def test_log_files_writes_a_local_artifact_folder_directly_and_uploads_any_other
     with pytest.raises(TrackingError, match="relative path"):
         tracker.log_files(run_id, {"../escape.txt": "no"}, run.info.artifact_uri)
     assert not (_local_folder(run.info.artifact_uri).parent / "escape.txt").exists()
+
+
+def _journal_mode(path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_mlflow_store_of_a_tracker_is_switched_to_wal_and_keeps_working(tmp_path):
+    tracker = CampaignTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "wal")
+    run = tracker.client.create_run(tracker.experiment_id)
+    tracker.client.log_metric(run.info.run_id, "x", 1.0)
+    assert _journal_mode(tmp_path / "mlflow.db") == "wal"
+    again = CampaignTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "wal")
+    assert again.client.get_run(run.info.run_id).data.metrics == {"x": 1.0}
