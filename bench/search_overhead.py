@@ -1,11 +1,13 @@
 """Per-trial overhead of the search and tracking machinery, against the time of a proxy epoch and of a cheap trial.
 
 A no-op objective (spec → 3 reports → constant reward) runs N trials through
-`searchspace.run_search` (Optuna backend) with (i) in-memory storage, (ii) SQLite storage and
-(iii) SQLite plus one MLflow trial run per trial, opened, logged and labelled as a campaign's
+`searchspace.run_search` (Optuna backend) with (i) in-memory storage, (ii) SQLite storage (write-ahead
+log), (iii) an Optuna journal file (`journal:<path>`), and (iv, v) SQLite or the journal file plus one
+MLflow trial run per trial (MLflow on SQLite), opened, logged and labelled as a campaign's
 trials are (`campaign.open_trial_run`: `CampaignTracker.trial_run` with its params, spec.json and
 target-logit PNG; `log_epoch` × 3; `finish`; the driver's `campaign.label_trial_run` callback),
-for the reward-guided sampler and TPE. Storage, tracking database and parent run are created,
+for the reward-guided sampler and TPE (epoch metrics are queued and written at `finish`, as
+a trial of cheap epochs does). Storage, tracking database and parent run are created,
 and matplotlib imported, before the clock starts; each cell is one new study, so its time
 includes opening the study once. Every cell is timed `--runs` times (runs alternate), and the
 percentages use the median. The references are `trainers.train.train` of arcface on
@@ -55,6 +57,7 @@ REWARD = 0.5
 SAMPLERS = ("reward-guided", "tpe")
 TARGET_PERCENT = 3.0  # the machinery's share of a cheap trial it should stay under
 TRACKED = "SQLite + MLflow trial runs"
+JOURNAL_TRACKED = "journal file + MLflow trial runs"
 
 
 def noop_objective(spec: MarginSpec, report: Callable[[int, float], None]) -> float:
@@ -104,12 +107,15 @@ def modes(workdir: Path, sampler: str) -> dict[str, tuple[Callable[..., float], 
     plain, tracked = (f"sqlite:///{workdir / f'optuna-{kind}{sampler}.db'}" for kind in ("", "tracked-"))
     for url in (plain, tracked):
         make_storage(url, heartbeat=False)
+    journal, journal_tracked = (f"journal:{workdir / f'optuna-{kind}{sampler}.log'}" for kind in ("", "tracked-"))
     tracker = CampaignTracker(f"sqlite:///{workdir / 'mlflow.db'}", f"overhead-{sampler}")
     parent = tracker.start_search(f"overhead {sampler}", {}, {}, {})
     return {
         "in-memory": (noop_objective, None),
         "SQLite": (noop_objective, plain),
+        "journal file": (noop_objective, journal),
         TRACKED: (TrackedNoop(tracker, parent, f"overhead-{sampler}"), tracked),
+        JOURNAL_TRACKED: (TrackedNoop(tracker, parent, f"overhead-{sampler}"), journal_tracked),
     }
 
 
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{platform.processor() or platform.machine()}")
     command = f".venv/bin/python bench/search_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     epoch_b, cheap_b = budgets["epoch"], budgets["cheap"]
-    tracked = {sampler: 100.0 * ms / 1000.0 / cheap_s for sampler, column, _, ms in rows if column == TRACKED}
+    tracked = {f"{sampler}, {column}": 100.0 * ms / 1000.0 / cheap_s for sampler, column, _, ms in rows
+               if column in (TRACKED, JOURNAL_TRACKED)}
     verdict = "met" if max(tracked.values()) <= TARGET_PERCENT else "not met"
     lines = ["# Search and tracking overhead per trial", "", f"Command: `{command.rstrip()}`", "",
              f"Machine: {machine}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. "
@@ -197,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                             [[sampler, column, ", ".join(f"{m:.1f}" for m in runs), f"{ms:.1f}",
                               f"{100.0 * ms / 1000.0 / epoch_s:.2f}", f"{100.0 * ms / 1000.0 / cheap_s:.2f}"]
                              for sampler, column, runs, ms in rows], align="llrrrr"), "",
-             f"Target ≤ {TARGET_PERCENT:.0f} % of a cheap trial for the whole machinery ({TRACKED}): "
-             + ", ".join(f"{sampler} {percent:.2f} %" for sampler, percent in tracked.items()) + f": {verdict} "
-             f"(it is {TARGET_PERCENT:.0f} % of a trial of {max(tracked.values()) * cheap_s / TARGET_PERCENT:.1f} s)."]
+             f"Target ≤ {TARGET_PERCENT:.0f} % of a cheap trial for the whole machinery (MLflow trial runs on "
+             "either storage): " + ", ".join(f"{cell} {percent:.2f} %" for cell, percent in tracked.items())
+             + f": {verdict} for the worst cell (it is {TARGET_PERCENT:.0f} % of a trial of "
+             f"{max(tracked.values()) * cheap_s / TARGET_PERCENT:.1f} s); best cell "
+             f"{min(tracked.values()):.2f} %."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

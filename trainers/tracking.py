@@ -188,7 +188,7 @@ class TrialRun:
     """
 
     def __init__(self, client: mlflow.MlflowClient, run_id: str, resumed: bool = False,
-                 flush_every_s: float = FLUSH_EVERY_S) -> None:
+                 flush_every_s: float = FLUSH_EVERY_S, params: Sequence[Param] = ()) -> None:
         self.client = client
         self.run_id = run_id
         self.resumed = resumed
@@ -197,6 +197,7 @@ class TrialRun:
         self.flush_every_s = flush_every_s
         self._last_step = 0
         self._pending: list[tuple[int, Mapping[str, float]]] = []
+        self._params = list(params)  # a new run's params ride with its first write
         self._written = time.monotonic()
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -212,9 +213,9 @@ class TrialRun:
         """Write the queued epochs (plus `final` metrics at the last step and `tags`) in as few batches as MLflow
         allows."""
         steps = self._pending + ([(self._last_step, final)] if final else [])
-        if steps or tags:
-            _log_steps(self.client, self.run_id, steps, tags)
-        self._pending, self._written = [], time.monotonic()
+        if steps or tags or self._params:
+            _log_steps(self.client, self.run_id, steps, tags, self._params)
+        self._pending, self._params, self._written = [], [], time.monotonic()
 
     def finish(self, state: str, reason: str = "", reward: float | None = None) -> None:
         """End the run: complete → FINISHED, pruned → KILLED, failed → FAILED; a second call is ignored."""
@@ -261,9 +262,9 @@ def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: Mapping[str,
 
 
 def _log_steps(client: mlflow.MlflowClient, run_id: str, steps: Sequence[tuple[int, Mapping[str, float]]],
-               tags: Sequence[RunTag] = ()) -> None:
-    """`_log_metrics` for several steps at once: (step, metrics) pairs, in order, in as few `log_batch` calls as
-    MLflow's limits allow (a later step's non-finite tag replaces an earlier one's)."""
+               tags: Sequence[RunTag] = (), params: Sequence[Param] = ()) -> None:
+    """`_log_metrics` for several steps at once: (step, metrics) pairs, in order, with `params`, in as few
+    `log_batch` calls as MLflow's limits allow (a later step's non-finite tag replaces an earlier one's)."""
     stamp = int(time.time() * 1000)
     by_step: dict[tuple[str, int], Metric] = {}  # one value per (key, step): a later one replaces an earlier one
     nonfinite: dict[str, str] = {}
@@ -276,11 +277,14 @@ def _log_steps(client: mlflow.MlflowClient, run_id: str, steps: Sequence[tuple[i
                 nonfinite[f"{TAG}nonfinite.{mlflow_name(key)}"] = f"{value} at step {step}"
     finite = list(by_step.values())
     labels = [*tags, *(RunTag(k, v) for k, v in nonfinite.items())]
-    while finite or labels:
-        tag_part, labels = labels[:MAX_PARAMS_TAGS_PER_BATCH], labels[MAX_PARAMS_TAGS_PER_BATCH:]
-        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_part))
+    fresh = list(params)
+    while finite or labels or fresh:
+        param_part, fresh = fresh[:MAX_PARAMS_TAGS_PER_BATCH], fresh[MAX_PARAMS_TAGS_PER_BATCH:]
+        tag_room = MAX_PARAMS_TAGS_PER_BATCH - len(param_part)  # params and tags share MLflow's per-batch limit
+        tag_part, labels = labels[:tag_room], labels[tag_room:]
+        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_part) - len(param_part))
         metric_part, finite = finite[:room], finite[room:]
-        client.log_batch(run_id, metrics=metric_part, tags=tag_part)
+        client.log_batch(run_id, metrics=metric_part, params=param_part, tags=tag_part)
 
 
 @dataclass
@@ -476,6 +480,7 @@ class CampaignTracker:
         found = self._earlier_run(parent_run_id, trial_key, run_id, new)
         loss = identify(spec) or "none"
         all_params = {**_flatten(spec.flat(), "spec."), **_flatten(params)}
+        fresh: list[Param] = []
         if found is not None:
             run_id = found.info.run_id
             reopened = int(found.data.tags.get(f"{TAG}reopened", "0")) + 1
@@ -489,12 +494,12 @@ class CampaignTracker:
                 **{k: _tag_value(v) for k, v in tags.items()}, PARENT_TAG: parent_run_id,
                 f"{TAG}trial_key": trial_key, f"{TAG}kind": "trial", f"{TAG}named_loss": loss})
             run_id = run.info.run_id
-            self._log_params(run_id, all_params, {})
+            fresh = [Param(k, v) for k, v in all_params.items()]  # written with the run's first batch
             self.log_files(run_id, {"spec.json": json.dumps(spec.to_dict(), indent=2),
                                     "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")},
                            run.info.artifact_uri)
         self._opened[(parent_run_id, trial_key)] = _Opened(run_id, name, {k: _tag_value(v) for k, v in tags.items()})
-        return TrialRun(self.client, run_id, resumed=found is not None)
+        return TrialRun(self.client, run_id, resumed=found is not None, params=() if found is not None else fresh)
 
     def _earlier_run(self, parent_run_id: str, trial_key: str, run_id: str | None, new: bool) -> Run | None:
         """The active run of this trial key, if any (see `trial_run` for where it is looked for)."""
