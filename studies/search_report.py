@@ -305,8 +305,8 @@ def _transfer_section(design: dict[str, Any], data: dict[str, Any]) -> tuple[str
                       for t in runs if t["label"] == lab} for lab in labels}
         cell = paired(vals[labels[0]], vals[labels[1]], design["test"]["bootstrap"]).text() \
             if len(labels) == 2 else "n/a"
-        rows.append([name, json.dumps(design["transfer"][name]), *(mean_std(vals[lab].values()) for lab in labels),
-                     cell])
+        changes = ", ".join(f"{k} {v}" for k, v in design["transfer"][name].items())
+        rows.append([name, changes, *(mean_std(vals[lab].values()) for lab in labels), cell])
     specs = "; ".join(f"{lab}: {_spec_text(spec)}" for lab, spec in picks.items())
     return (f"Transfer without searching again: test {metric} (%), {len(design['transfer']['seeds'])} seeds",
             f"Specs: {specs}.\n\n" + table(["setting", "what changes", *labels,

@@ -49,11 +49,11 @@ class Paired:
     wins: int
 
     def text(self, percent: bool = True) -> str:
-        """'+1.2 [−0.3, +2.6], p = 0.19, 4/6 units'."""
+        """'+1.2 [−0.3, +2.6], p = 0.19, 4/6 pairs positive'."""
         f = (lambda v: f"{100 * v:+.1f}") if percent else (lambda v: f"{v:+.3f}")
         if self.n == 0:
             return "n/a"
-        return f"{f(self.mean)} [{f(self.ci[0])}, {f(self.ci[1])}], p = {self.p:.3g}, {self.wins}/{self.n} units"
+        return f"{f(self.mean)} [{f(self.ci[0])}, {f(self.ci[1])}], p = {self.p:.3g}, {self.wins}/{self.n} positive"
 
 
 def paired(a: dict[object, float], b: dict[object, float], resamples: int = 10000) -> Paired:
