@@ -33,8 +33,9 @@ def by_unit(arms: list[dict[str, Any]], arm: str, metric: str) -> dict[Any, floa
     return {_unit(a): _test(a, metric) for a in arms if a["arm"] == arm}
 
 
-def compute_rows(arms: list[dict[str, Any]], names: Iterable[str]) -> list[dict[str, Any]]:
-    """Per arm, summed over units: training images of the proxy trials, the promotions and the retraining; seconds."""
+def compute_rows(arms: list[dict[str, Any]], names: Iterable[str], design_repeats: int = 1) -> list[dict[str, Any]]:
+    """Per arm, summed over units: proxy trainings, training images of the proxy trials, the promotions and the
+    retraining; seconds. `design_repeats`: proxy trainings per point of the tuned-named grid."""
     rows = []
     for name in names:
         runs = [a for a in arms if a["arm"] == name]
@@ -44,7 +45,8 @@ def compute_rows(arms: list[dict[str, Any]], names: Iterable[str]) -> list[dict[
         seconds = sum(r["seconds"] for a in runs for r in a["rows"]) + \
             sum(p["seconds"] for a in runs for p in a.get("promoted", [])) + \
             sum(a.get("retrain", {}).get("seconds", 0) for a in runs)
-        rows.append({"arm": name, "units": len(runs), "proxy_trials": sum(len(a["rows"]) for a in runs),
+        repeats = design_repeats if name == "tuned-named" else 1  # a grid point is `repeats` proxy trainings
+        rows.append({"arm": name, "units": len(runs), "proxy_trials": repeats * sum(len(a["rows"]) for a in runs),
                      "proxy_images": proxy, "promotion_images": promo, "retrain_images": retrain,
                      "total_images": proxy + promo + retrain, "seconds": seconds})
     return rows
@@ -105,7 +107,7 @@ def _headline(design: dict[str, Any], arms: list[dict[str, Any]]) -> tuple[str, 
     metric, names = design["selection"]["metric"], design["search"]["arms"]
     resamples, alpha = design["test"]["bootstrap"], design["test"]["alpha"]
     rg = by_unit(arms, "reward-guided", metric)
-    compute = {c["arm"]: c for c in compute_rows(arms, names)}
+    compute = {c["arm"]: c for c in compute_rows(arms, names, design["tuned_named"]["repeats"])}
     rows, lines, tests = [], [], {}
     for name in names:
         runs = [a for a in arms if a["arm"] == name]
@@ -183,9 +185,9 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
                      f"full-budget validation {metric} among the top half of a search "
                      f"({'reaches' if p['reached_goal'] else 'misses'} the goal {design['fidelity']['rho_goal']}); "
                      f"costs {p['cost']:.3f} × a full-budget training."))
-    cr = compute_rows(arms, design["search"]["arms"])
+    cr = compute_rows(arms, design["search"]["arms"], design["tuned_named"]["repeats"])
     sections.append(("Compute per arm, summed over units (training images seen; every epoch counted)",
-                     table(["arm", "units", "proxy trials", "proxy images", "promotion images", "retrain images",
+                     table(["arm", "units", "proxy trainings", "proxy images", "promotion images", "retrain images",
                             "total images", "wall s"],
                            [[ARM_LABEL[c["arm"]], c["units"], c["proxy_trials"], c["proxy_images"],
                              c["promotion_images"], c["retrain_images"], c["total_images"], f"{c['seconds']:.0f}"]

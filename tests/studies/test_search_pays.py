@@ -130,9 +130,9 @@ def test_reduced_study_rounds_happen_and_the_policy_moves(reduced):
 @pytest.mark.slow
 def test_reduced_study_arms_spend_equal_compute_and_select_before_test(reduced):
     blob = json.loads((reduced / "out" / "runs.json").read_text())
-    rows = compute_rows(blob["arms"], blob["design"]["search"]["arms"])
+    rows = compute_rows(blob["arms"], blob["design"]["search"]["arms"], blob["design"]["tuned_named"]["repeats"])
     assert len({r["total_images"] for r in rows}) == 1 and rows[0]["total_images"] > 0
-    assert len({r["proxy_images"] for r in rows}) == 1
+    assert len({r["proxy_images"] for r in rows}) == 1 and len({r["proxy_trials"] for r in rows}) == 1
     for run in blob["arms"]:
         assert run["events"][-1] == "test" and run["events"][-2].startswith("select:")
         assert run["champion_index"] == max(range(len(run["promoted"])), key=lambda i: run["promoted"][i]["full_val"])
