@@ -299,6 +299,7 @@ class Runner:
 
     def __init__(self, cache: Path, jobs: int, log: Callable[[str], None]) -> None:
         self.cache, self.jobs, self.log = cache, jobs, log
+        self.cached = self.ran = 0  # tasks read from the cache / run by this invocation
         cache.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str, kwargs: dict[str, Any]) -> Path:
@@ -317,6 +318,7 @@ class Runner:
             else:
                 todo.append(i)
         self.log(f"{fn.__name__}: {len(tasks)} tasks, {len(tasks) - len(todo)} cached, {self.jobs} job(s)")
+        self.cached, self.ran = self.cached + len(tasks) - len(todo), self.ran + len(todo)
         if self.jobs <= 1:
             _init_worker(max(1, torch_threads()))
             for i in todo:
@@ -417,9 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    data = run(design, Runner(out / "cache", args.jobs, log), log)
+    runner = Runner(out / "cache", args.jobs, log)
+    data = run(design, runner, log)
     from studies.search_report import report
 
+    data["tasks"] = {"ran": runner.ran, "cached": runner.cached}
     report(design, path, data, out, args, time.perf_counter() - t0, argv)
     return 0
 

@@ -216,7 +216,8 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
         body += [f"## {title}", "", text, ""]
     body += ["![policy_per_round](policy_per_round.png)", "",
              f"Produced by `{command}` in {seconds:.0f} s ({os.cpu_count()} CPU cores, --jobs {args.jobs}; "
-             f"{trained / 60:.0f} min of training summed over all trainings, cached ones included); "
+             f"{data['tasks']['ran']} tasks run, {data['tasks']['cached']} read from the cache of an earlier "
+             f"invocation; {trained / 60:.0f} min of training summed over all trainings, cached ones included); "
              "intervals are 95 % percentile bootstrap intervals of the mean per-unit difference, p the exact "
              "two-sided sign-flip test."]
     (out / "results.md").write_text("\n".join(body) + "\n")
