@@ -244,7 +244,7 @@ def _summary(design: dict[str, Any], sections: list[tuple[str, str]], command: s
             parts += [f"**{title}**", "", text, ""]
             if title.startswith("Proxy used"):
                 parts += ["![policy per round](policy_per_round.png)", ""]
-    parts.append(f"From `{command}`; every table of the run: [results.md](results.md).")
+    parts.append(f"From `{command}`; every table of the run is in its results.md.")
     return "\n".join(parts)
 
 
