@@ -27,7 +27,7 @@ from marginsearch.trainers.judge import LabelledImages, judge, judge_long_tail  
 __all__ = ["Mode", "mode_for", "study_parser", "mean_std", "fmt", "table", "summarise", "test_metrics",
            "StudyOutput", "command_line", "log_runs_to_mlflow", "TEST_PAIRS", "RESULTS_ROOT"]
 
-# demo: the whole study in about two hours on 2 cores; bench (4× the identities at 48×48, ~13× the
+# demo: a study in one to two hours on 2 cores; bench (4× the identities at 48×48, ~13× the
 # compute per epoch) would take about a day, so it is a --preset away for those with more cores
 DEFAULT_PRESET = "demo"
 TEST_PAIRS = 3000            # cap on genuine and impostor pairs each for the 10-fold test accuracy (balanced:

@@ -1,6 +1,6 @@
 """Study 2, does the search pay? The committed design (studies/designs/search_pays.toml), run in three stages.
 
-    python -m studies.search_pays                 # the committed design (about 80 min on 2 cores, --jobs 2)
+    python -m studies.search_pays                 # the committed design (102 min on 2 cores, --jobs 2)
     python -m studies.search_pays --reduced       # search_pays_reduced.toml: tiny preset, seconds (CI)
     python -m studies.search_pays --design my.toml --out results/mine
 
