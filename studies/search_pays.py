@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -46,22 +47,31 @@ MEAN_TAR_FARS = ("tar@far=1e-2", "tar@far=1e-3", "tar@far=1e-4")
 
 
 # ------------------------------------------------------------------ design
+class DesignError(ValueError):
+    """A design file that is missing, unreadable or inconsistent (the study prints it on one line, exit code 2)."""
+
+
 def load_design(path: str | Path) -> dict[str, Any]:
-    """The study's design (TOML), checked: units pair seeds with draws, arms are known, proxies are budgets."""
-    design = tomllib.loads(Path(path).read_text())
-    units = design["units"]
-    if len(units["seeds"]) != len(units["draws"]) or not set(units["draws"]) <= set(design["benchmark"]["draws"]):
-        raise SystemExit(f"{path}: units.seeds and units.draws must pair up, with draws from benchmark.draws")
-    unknown = set(design["search"]["arms"]) - set(ARMS)
-    if unknown:
-        raise SystemExit(f"{path}: unknown arm(s) {sorted(unknown)}; arms: {', '.join(ARMS)}")
-    g, s = design["tuned_named"], design["search"]
-    grid = len(g["losses"]) * len(g["scales"]) * g["repeats"]
-    if "tuned-named" in s["arms"] and grid != s["rounds"] * s["population"]:
-        raise SystemExit(f"{path}: the tuned-named grid (losses × scales × repeats) must have rounds × population "
-                         "trainings, the compute of a search arm")
-    if design["fidelity"]["generator"]["proxy"] not in design["proxies"]:
-        raise SystemExit(f"{path}: fidelity.generator.proxy must name one of [proxies]")
+    """The study's design (TOML), checked: units pair seeds with draws, arms are known, proxies are budgets, the
+    tuned-named grid has a search arm's compute."""
+    try:
+        design = tomllib.loads(Path(path).read_text())
+        units, s, g = design["units"], design["search"], design["tuned_named"]
+        if len(units["seeds"]) != len(units["draws"]) or not set(units["draws"]) <= set(design["benchmark"]["draws"]):
+            raise DesignError(f"{path}: units.seeds and units.draws must pair up, with draws from benchmark.draws")
+        unknown = set(s["arms"]) - set(ARMS)
+        if unknown:
+            raise DesignError(f"{path}: unknown arm(s) {sorted(unknown)}; arms: {', '.join(ARMS)}")
+        grid = len(g["losses"]) * len(g["scales"]) * g["repeats"]
+        if "tuned-named" in s["arms"] and grid != s["rounds"] * s["population"]:
+            raise DesignError(f"{path}: the tuned-named grid (losses × scales × repeats) must have rounds × "
+                              "population trainings, the compute of a search arm")
+        if design["fidelity"]["generator"]["proxy"] not in design["proxies"]:
+            raise DesignError(f"{path}: fidelity.generator.proxy must name one of [proxies]")
+    except KeyError as exc:
+        raise DesignError(f"{path}: missing key {exc}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DesignError(f"{path}: {exc}") from None
     return design
 
 
@@ -415,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     path = Path(args.design) if args.design else DESIGNS / ("search_pays_reduced.toml" if args.reduced
                                                             else "search_pays.toml")
-    design = load_design(path)
+    try:
+        design = load_design(path)
+    except DesignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     log = lambda line: print(line, flush=True)  # noqa: E731
     t0 = time.perf_counter()

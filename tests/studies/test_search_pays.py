@@ -53,8 +53,20 @@ def test_committed_design_spends_equal_compute_and_pairs_units(tmp_path):
     assert design["fidelity"]["specs"] >= 16 and len(design["fidelity"]["seeds"]) >= 2  # issue 17, item 2
     bad = (sp.DESIGNS / "search_pays_reduced.toml").read_text().replace("repeats = 2", "repeats = 3")
     (tmp_path / "bad.toml").write_text(bad)
-    with pytest.raises(SystemExit, match="rounds × population"):
+    with pytest.raises(sp.DesignError, match="rounds × population"):
         sp.load_design(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not toml [", "bad.toml: "),
+    ("[benchmark]\npreset = 'demo'\n", "missing key 'units'"),
+])
+def test_a_bad_design_is_one_line_and_exit_code_2(tmp_path, capsys, text, message):
+    (tmp_path / "bad.toml").write_text(text)
+    assert sp.main(["--design", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written before the design is known good
 
 
 def test_choose_proxy_takes_the_cheapest_that_reaches_the_goal():
