@@ -53,11 +53,15 @@ def _journal(target: str) -> BaseStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def write_ahead_log(path: str | Path) -> None:
-    """Switch a SQLite file to write-ahead logging (kept in the file; created empty if missing): a commit costs one
-    sync instead of the rollback journal's several, and readers do not block the writer. A file another process
-    holds locked keeps its mode (SQLite refuses the switch quietly)."""
-    with contextlib.closing(sqlite3.connect(str(path), timeout=5)) as db:
+def write_ahead_log(url: str) -> None:
+    """Switch the SQLite file of a `sqlite:///<path>` URL to write-ahead logging (kept in the file; created empty if
+    missing): a commit costs one sync instead of the rollback journal's several, and readers do not block the
+    writer. Other URLs and in-memory databases are left alone; a file another process holds locked keeps its mode
+    (SQLite refuses the switch quietly)."""
+    path = url.removeprefix("sqlite:///").partition("?")[0] if url.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
         try:
             db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError:  # busy: the store works as it is
@@ -65,8 +69,7 @@ def write_ahead_log(path: str | Path) -> None:
 
 
 def _rdb(url: str, heartbeat: bool) -> BaseStorage:
-    if url.startswith("sqlite:///") and url.partition("?")[0] not in ("sqlite:///", "sqlite:///:memory:"):
-        write_ahead_log(url[len("sqlite:///"):].partition("?")[0])
+    write_ahead_log(url)
     engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
     if not heartbeat:
         return RDBStorage(url, engine_kwargs=engine_kwargs)

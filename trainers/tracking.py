@@ -308,8 +308,7 @@ class CampaignTracker:
         if not experiment_name:
             raise TrackingError("experiment name must not be empty")
         check_tracking_uri(tracking_uri)
-        if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:///:memory:"):
-            write_ahead_log(tracking_uri[len("sqlite:///"):].partition("?")[0])
+        write_ahead_log(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         # the registry lives in the same store: never the process-wide registry URI another caller may have set
@@ -499,7 +498,7 @@ class CampaignTracker:
                                     "target_logit.png": target_logit_png(spec, loss if loss != "none" else "trial")},
                            run.info.artifact_uri)
         self._opened[(parent_run_id, trial_key)] = _Opened(run_id, name, {k: _tag_value(v) for k, v in tags.items()})
-        return TrialRun(self.client, run_id, resumed=found is not None, params=() if found is not None else fresh)
+        return TrialRun(self.client, run_id, resumed=found is not None, params=fresh)
 
     def _earlier_run(self, parent_run_id: str, trial_key: str, run_id: str | None, new: bool) -> Run | None:
         """The active run of this trial key, if any (see `trial_run` for where it is looked for)."""

@@ -25,7 +25,7 @@ def test_a_locked_file_keeps_its_mode_without_an_error(tmp_path):
     holder = sqlite3.connect(path)
     holder.execute("create table t(x)")
     holder.execute("begin exclusive")
-    write_ahead_log(path)  # cannot switch while another connection holds the lock: no error
+    write_ahead_log(f"sqlite:///{path}")  # cannot switch while another connection holds the lock: no error
     holder.rollback()
     holder.close()
     assert _mode(path) == "delete"
