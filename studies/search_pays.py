@@ -37,6 +37,7 @@ from typing import Any
 
 import tomllib
 
+from studies.common import mean
 from studies.stats import spearman
 
 DESIGNS = Path(__file__).resolve().parent / "designs"
@@ -78,6 +79,11 @@ def load_design(path: str | Path) -> dict[str, Any]:
 def proxy_budget(design: dict[str, Any], name: str) -> dict[str, Any]:
     """A proxy's budget: the full budget with the proxy's fields changed."""
     return {**design["budget"]["full"], **design["proxies"][name]}
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """A spec dict as text, the same for equal specs: what dedups and pairs specs across runs."""
+    return json.dumps(spec, sort_keys=True)
 
 
 def units_of(design: dict[str, Any]) -> list[tuple[int, int]]:
@@ -155,7 +161,7 @@ def generator_search(design: dict[str, Any]) -> dict[str, Any]:
 
 def fidelity_specs(design: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`specs` specs from the top half of the generator's trials: every k-th rank, distinct specs only."""
-    distinct = list({json.dumps(r["spec"], sort_keys=True): r for r in rows}.values())
+    distinct = list({spec_key(r["spec"]): r for r in rows}.values())
     half = distinct[:max(1, len(distinct) // 2)]
     n = design["fidelity"]["specs"]
     step = max(1, len(half) // n)
@@ -175,27 +181,25 @@ def choose_proxy(design: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[li
     """Spearman ρ of each (proxy, reward) against the full-budget validation and test metric, over the measured specs;
     the cheapest reaching the goal on validation (else the best on validation)."""
     metric = design["selection"]["metric"]
-    specs = list({json.dumps(r["spec"], sort_keys=True) for r in runs})
-    full_val = {s: _mean(r["full"]["val"].get(metric) for r in runs if json.dumps(r["spec"], sort_keys=True) == s)
-                for s in specs}
-    full_test = {s: _mean(r["full"].get("test", {}).get(metric) for r in runs
-                          if json.dumps(r["spec"], sort_keys=True) == s) for s in specs}
-    full_images = _mean(r["full"]["images"] for r in runs)
+    keys = [spec_key(r["spec"]) for r in runs]  # runs[i]'s spec
+    specs = list(dict.fromkeys(keys))
+    full_val = {s: mean(r["full"]["val"].get(metric) for r, k in zip(runs, keys) if k == s) for s in specs}
+    full_test = {s: mean(r["full"].get("test", {}).get(metric) for r, k in zip(runs, keys) if k == s) for s in specs}
+    full_images = mean(r["full"]["images"] for r in runs)
     table = []
     for proxy in design["proxies"]:
         for reward in design["fidelity"]["rewards"]:
             rho_val, rho_test = [], []
             for seed in design["fidelity"]["seeds"]:
-                by = {json.dumps(r["spec"], sort_keys=True): reward_of(r["proxies"][proxy], reward)
-                      for r in runs if r["seed"] == seed}
+                by = {k: reward_of(r["proxies"][proxy], reward) for r, k in zip(runs, keys) if r["seed"] == seed}
                 rho_val.append(spearman([by[s] for s in specs], [full_val[s] for s in specs]))
                 rho_test.append(spearman([by[s] for s in specs], [full_test[s] for s in specs]))
-            table.append({"proxy": proxy, "reward": reward, "rho_val": _mean(rho_val), "rho_test": _mean(rho_test),
+            table.append({"proxy": proxy, "reward": reward, "rho_val": mean(rho_val), "rho_test": mean(rho_test),
                           "rho_val_per_seed": rho_val,
-                          "cost": _mean(r["proxies"][proxy]["images"] for r in runs) / full_images})
+                          "cost": mean(r["proxies"][proxy]["images"] for r in runs) / full_images})
     seeds = design["fidelity"]["seeds"]
-    per_seed = {seed: {json.dumps(r["spec"], sort_keys=True): r["full"]["val"].get(metric, math.nan)
-                       for r in runs if r["seed"] == seed} for seed in seeds}
+    per_seed = {seed: {k: r["full"]["val"].get(metric, math.nan) for r, k in zip(runs, keys) if r["seed"] == seed}
+                for seed in seeds}
     rho_seeds = spearman([per_seed[seeds[0]].get(s, math.nan) for s in specs],
                          [per_seed[seeds[-1]].get(s, math.nan) for s in specs]) if len(seeds) > 1 else math.nan
     reached = [t for t in table if t["rho_val"] >= design["fidelity"]["rho_goal"]]
@@ -243,13 +247,13 @@ def tuned_named_trials(design: dict[str, Any], seed: int, setting: dict[str, Any
     from marginsearch.losses import named
 
     g = design["tuned_named"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for loss in g["losses"]:
         for s in g["scales"]:
             spec = named(loss, s=float(s)).to_dict()
             results = [fit(spec, proxy, seed + 1000 * r, setting) for r in range(g["repeats"])]
             rows.append({"number": len(rows), "round": None, "spec": spec, "params": {"loss": loss, "s": s},
-                         "reward": _mean(reward_of(x, reward) for x in results), "state": "COMPLETE",
+                         "reward": mean(reward_of(x, reward) for x in results), "state": "COMPLETE",
                          "images": sum(x["images"] for x in results), "seconds": sum(x["seconds"] for x in results)})
     return {"rows": rows}
 
@@ -264,7 +268,7 @@ def arm_task(design: dict[str, Any], arm: str, seed: int, draw: int, proxy_name:
         search(design, arm, seed, setting, proxy, reward)
     events = [f"proxy:{len(found['rows'])}"]
     ranked = sorted((r for r in found["rows"] if math.isfinite(r["reward"])), key=lambda r: -r["reward"])
-    top = list({json.dumps(r["spec"], sort_keys=True): r for r in reversed(ranked)}.values())
+    top = list({spec_key(r["spec"]): r for r in reversed(ranked)}.values())
     top = sorted(top, key=lambda r: -r["reward"])[:design["search"]["promote"]]
     promoted = []
     for r in top:
@@ -362,11 +366,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return repr(value)
-
-
-def _mean(values: Iterable[Any]) -> float:
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _finite(value: float | None) -> float:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from studies.common import fmt, log_runs_to_mlflow, mean_std, table
+from studies.common import fmt, log_runs_to_mlflow, mean, mean_std, table
 from studies.stats import Paired, paired, spearman
 
 __all__ = ["report", "verdict", "compute_rows", "round_stats"]
@@ -22,6 +22,11 @@ ARM_LABEL = {"reward-guided": "reward-guided (REINFORCE)", "tpe": "TPE", "random
 def _test(arm: dict[str, Any], metric: str) -> float:
     value = arm.get("retrain", {}).get("test", {}).get(metric)
     return float(value) if value is not None else math.nan
+
+
+def _champion(run: dict[str, Any]) -> dict[str, Any]:
+    """The promoted candidate an arm picked on one unit."""
+    return run["promoted"][run["champion_index"]]
 
 
 def _unit(run: dict[str, Any]) -> tuple[int, int]:
@@ -61,7 +66,7 @@ def round_stats(arms: list[dict[str, Any]], arm: str, population: int) -> list[d
     for k in range(rounds):
         rewards = [[r["reward"] for r in a["rows"][k * population:(k + 1) * population] if _ok(r["reward"])]
                    for a in runs]
-        out.append({"round": k, "mean": _avg(_avg(r) for r in rewards), "best": _avg(max(r) for r in rewards if r),
+        out.append({"round": k, "mean": mean(mean(r) for r in rewards), "best": mean(max(r) for r in rewards if r),
                     "promoted": sum(1 for a in runs for p in a.get("promoted", []) if p.get("number") is not None
                                     and p["number"] // population == k)})
     return out
@@ -82,11 +87,6 @@ def verdict(name: str, result: Paired, alpha: float) -> str:
 
 def _ok(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _avg(values: Iterable[Any]) -> float:
-    v = [float(x) for x in values if _ok(x)]
-    return sum(v) / len(v) if v else math.nan
 
 
 def _round(value: int | None) -> str:
@@ -119,7 +119,7 @@ def _headline(design: dict[str, Any], arms: list[dict[str, Any]]) -> tuple[str, 
             lines.append(verdict(ARM_LABEL[name], tests[name], alpha))
         rows.append([ARM_LABEL[name], mean_std(vals.values()),
                      mean_std(_test(a, "auc") for a in runs), mean_std(_test(a, "accuracy") for a in runs),
-                     mean_std(a["promoted"][a["champion_index"]]["full_val"] for a in runs if a.get("promoted")),
+                     mean_std(_champion(a)["full_val"] for a in runs if a.get("promoted")),
                      cell, f"{compute[name]['total_images'] / 1e6:.2f}"])
     header = ["arm", f"test {metric}", "test AUC", "test 10-fold acc.", f"val {metric} (promotion)",
               f"reward-guided − arm, test {metric}: mean [95 % CI], p", "training images (M)"]
@@ -141,7 +141,7 @@ def _figure(design: dict[str, Any], arms: list[dict[str, Any]]):
         for a in rg:
             mus = [snap["mu_unit"][name] for snap in a["trajectory"]]
             ax.plot(range(len(mus)), mus, color=f"C{j}", alpha=0.25, lw=0.8)
-        mean_mu = [_avg(a["trajectory"][k]["mu_unit"][name] for a in rg) for k in range(len(rg[0]["trajectory"]))]
+        mean_mu = [mean(a["trajectory"][k]["mu_unit"][name] for a in rg) for k in range(len(rg[0]["trajectory"]))]
         sig = [rg[0]["trajectory"][k]["sigma"] for k in range(len(mean_mu))]
         ax.plot(range(len(mean_mu)), mean_mu, color=f"C{j}", lw=2, label=name)
         ax.fill_between(range(len(mean_mu)), [m - s for m, s in zip(mean_mu, sig)],
@@ -200,8 +200,8 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
     sections.append(("Champions per arm and unit (chosen on full-budget validation; round = the proxy round it came "
                      "from)", table(["arm", "unit", "champion", "round", f"val {metric}", f"test {metric}"],
                                     [[a["arm"], f"{a['seed']}/{a['draw']}", _spec_text(a["champion"]),
-                                      _round(a["promoted"][a["champion_index"]]["round"]),
-                                      fmt(a["promoted"][a["champion_index"]]["full_val"]), fmt(_test(a, metric))]
+                                      _round(_champion(a)["round"]),
+                                      fmt(_champion(a)["full_val"]), fmt(_test(a, metric))]
                                      for a in arms if a.get("promoted")])))
     fig = _figure(design, arms)
     fig.tight_layout()
@@ -229,7 +229,7 @@ def report(design: dict[str, Any], design_path: Path, data: dict[str, Any], out:
     log_runs_to_mlflow(uri, "study-search-pays", [
         {"arm": a["arm"], "seed": a["seed"], "draw": a["draw"], "champion": _spec_text(a["champion"]),
          f"test_{metric}": _test(a, metric), "test_auc": _test(a, "auc"),
-         "val_promotion": a["promoted"][a["champion_index"]]["full_val"]} for a in arms if a.get("promoted")],
+         "val_promotion": _champion(a)["full_val"]} for a in arms if a.get("promoted")],
         lambda r: f"{r['arm']} seed {r['seed']} draw {r['draw']}")
     print("\n".join(body), flush=True)
     return out
@@ -256,7 +256,7 @@ def _rounds_section(design: dict[str, Any], arms: list[dict[str, Any]]) -> tuple
     stats = {n: round_stats(arms, n, pop) for n in searches}
     rows = []
     for k, s in enumerate(stats.get("reward-guided", [])):
-        mus = [f"{_avg(a['trajectory'][k]['mu'][n] for a in rg):.3g}" for n in names]
+        mus = [f"{mean(a['trajectory'][k]['mu'][n] for a in rg):.3g}" for n in names]
         rows.append([k, *(fmt(stats[n][k]["mean"]) + " / " + fmt(stats[n][k]["best"]) for n in searches),
                      *mus, f"{rg[0]['trajectory'][k]['sigma']:.2f}" if rg else "", s["promoted"]])
     header = ["round", *(f"{n} mean / best" for n in searches), *(f"μ {n} (before)" for n in names), "σ",
@@ -287,7 +287,7 @@ def _promoted_section(design: dict[str, Any], arms: list[dict[str, Any]]) -> tup
     for name in design["search"]["arms"]:
         rhos = [spearman([p["proxy_reward"] for p in a["promoted"]], [p["full_val"] for p in a["promoted"]])
                 for a in arms if a["arm"] == name and len(a.get("promoted", [])) >= 3]
-        rows.append([ARM_LABEL[name], f"{_avg(rhos):.2f}" if rhos else "n/a (fewer than 3 promoted)"])
+        rows.append([ARM_LABEL[name], f"{mean(rhos):.2f}" if rhos else "n/a (fewer than 3 promoted)"])
     pooled_units: dict[Any, list[dict[str, Any]]] = {}
     for a in arms:
         pooled_units.setdefault(_unit(a), []).extend(a.get("promoted", []))
@@ -295,7 +295,7 @@ def _promoted_section(design: dict[str, Any], arms: list[dict[str, Any]]) -> tup
     return ("Proxy vs full-budget validation among the promoted candidates",
             table(["arm", "ρ within an arm's promoted set"], rows)
             + f"\n\nAll arms' promoted candidates pooled per unit ({sum(len(v) for v in pooled_units.values())} "
-              f"trainings): mean ρ = {_avg(pooled):.2f} (per unit: {', '.join(f'{r:.2f}' for r in pooled)}).")
+              f"trainings): mean ρ = {mean(pooled):.2f} (per unit: {', '.join(f'{r:.2f}' for r in pooled)}).")
 
 
 def _transfer_section(design: dict[str, Any], data: dict[str, Any]) -> tuple[str, str]:
@@ -322,7 +322,7 @@ def _sweep_section(design: dict[str, Any], data: dict[str, Any]) -> tuple[str, s
     for ids in sw["identities"]:
         cells = {s: [t.get("test", {}).get(metric) for t in data["sweep"] if t["identities"] == ids and t["s"] == s]
                  for s in sw["scales"]}
-        best = max(sw["scales"], key=lambda s: _avg(cells[s]) if math.isfinite(_avg(cells[s])) else -1)
+        best = max(sw["scales"], key=lambda s: mean(cells[s]) if math.isfinite(mean(cells[s])) else -1)
         rows.append([ids, *(mean_std(cells[s]) for s in sw["scales"]), f"{best:g}"])
     return (f"Scale s against the number of training classes: CosFace (m3 = 0.35), test {metric} (%), "
             f"{len(sw['seeds'])} seeds", table(["classes", *(f"s = {s:g}" for s in sw["scales"]), "best s"], rows))
